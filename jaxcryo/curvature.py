@@ -1,0 +1,128 @@
+"""Curvature toolkit: Hessian-vector products, Hutchinson and exact diagonals, conditioning.
+
+Nothing here builds a dense Hessian: probes are mapped in chunks, and the exact diagonal of
+the slice operator is a back-projection of squared interpolation weights.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcryo.forward.model import Particles, ctf_batch
+from jaxcryo.forward.slicing import scatter, slice_stencil
+from jaxcryo.loss import Problem, _scale, subset
+
+
+def hvp(fun, params, vector, *args):
+    """Hessian-vector product of a scalar ``fun(params, *args)``: jvp of grad (forward-over-reverse)."""
+    return jax.jvp(lambda p: jax.grad(fun)(p, *args), (params,), (vector,))[1]
+
+
+def rademacher(key, like, n=None):
+    """Random +-1 array(s) shaped like ``like`` (with a leading axis n if given)."""
+    shape = like.shape if n is None else (n,) + like.shape
+    return jax.random.rademacher(key, shape, dtype=like.dtype)
+
+
+def hutchinson_diagonal(hvp_fn, key, like, n_probes: int, chunk: int = 1):
+    """Hutchinson's estimate of diag(H): mean over Rademacher z of z * Hz.
+
+    Args:
+      hvp_fn: z -> H z for arrays shaped like ``like``.
+      n_probes: number of probes; evaluated ``chunk`` at a time (vmapped) under lax.map.
+    Returns:
+      (mean, std_of_mean) arrays shaped like ``like``.
+    """
+    if n_probes % chunk:
+        raise ValueError(f"n_probes ({n_probes}) must be a multiple of chunk ({chunk})")
+    zs = rademacher(key, like, n_probes).reshape((n_probes // chunk, chunk) + like.shape)
+    samples = jax.lax.map(lambda zc: zc * jax.vmap(hvp_fn)(zc), zs).reshape((n_probes,) + like.shape)
+    mean = samples.mean(0)
+    std = samples.std(0, ddof=1) / np.sqrt(n_probes) if n_probes > 1 else jnp.zeros_like(mean)
+    return mean, std
+
+
+def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
+    """Exact diag(H) of the minibatch loss for nearest/trilinear slicing, (N, N, H, 2).
+
+    Each pixel contributes 2 m_p s_p c^2 w_k^2 to each voxel k it reads (real and imaginary
+    parts alike): the back-projection of squared weights. For nearest this equals H @ ones.
+    """
+    if problem.interpolation == "nufft":
+        raise ValueError("the exact diagonal is available for nearest and trilinear slicing; "
+                         "use hutchinson_diagonal for nufft")
+    scale = _scale(batch, problem, dtype)[..., 0]  # (B, P)
+    c2 = ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], dtype) ** 2
+
+    def one(rotation, pixel_weight):
+        index, weight, sign = slice_stencil(rotation.astype(dtype), problem.grid, problem.interpolation)
+        sq = (index, weight * weight, jnp.ones_like(sign))
+        return scatter(jnp.stack([pixel_weight, pixel_weight], -1), sq, problem.grid.volume_shape)
+
+    per_image = 2.0 * scale * c2
+    total = jax.lax.map(lambda a: one(*a), (batch.rotations, per_image))
+    return total.sum(0) + 2.0 * problem.lam
+
+
+def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256, dtype=jnp.float32):
+    """Exact diag(H) of the full-data objective (all particles, weights normalised once)."""
+    n = particles.weight.shape[0]
+    n_batches = -(-n // batch_size)
+    index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1)
+    total_w = jnp.maximum(jnp.sum(particles.weight), 1e-12)
+
+    def body(acc, idx):
+        b = subset(particles, idx)
+        frac = jnp.sum(b.weight) / total_w
+        d = batch_exact_diagonal(b, problem, dtype) - 2.0 * problem.lam
+        return acc + frac * d, None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros(problem.grid.volume_shape + (2,), dtype),
+                          index.reshape(n_batches, batch_size))
+    return acc + 2.0 * problem.lam
+
+
+def power_iteration(hvp_fn, key, like, iters: int = 30):
+    """Largest eigenvalue of a PSD operator z -> Hz by power iteration (scalar)."""
+    def body(_, v):
+        w = hvp_fn(v)
+        return w / jnp.linalg.norm(w)
+    v = jax.lax.fori_loop(0, iters, body, jax.random.normal(key, like.shape, like.dtype))
+    return jnp.vdot(v, hvp_fn(v)).real
+
+
+def radial_profile(diag, box: int, reduce: str = "mean"):
+    """Reduce a half-volume array (N, N, H[, 2]) over Fourier shells round(|k|) -> (n_shells,)."""
+    from jaxcryo.geometry import shell_index, volume_radius
+    d = np.asarray(diag)
+    if d.ndim == 4:
+        d = d[..., 0]
+    shells = shell_index(volume_radius(box)).ravel()
+    d = d.ravel()
+    n = shells.max() + 1
+    out = np.full(n, np.nan)
+    fn = {"mean": np.mean, "min": np.min, "max": np.max}[reduce]
+    for s in range(n):
+        sel = d[shells == s]
+        if sel.size:
+            out[s] = fn(sel)
+    return out
+
+
+def condition_by_radius(diag, box: int, r_max: int | None = None):
+    """kappa(R) = max / min of a diagonal over all voxels with |k| <= R, for R = 0 .. r_max.
+
+    For nearest slicing without CTF the Hessian is diagonal, so this is the condition number of
+    the problem restricted to the ball of radius R (the paper's kappa as a function of radius).
+    """
+    hi = np.fmax.accumulate(radial_profile(diag, box, "max"))
+    lo = np.fmin.accumulate(radial_profile(diag, box, "min"))
+    r_max = box // 2 - 1 if r_max is None else r_max
+    return (hi / lo)[: r_max + 1]
+
+
+def shell_spread(diag, box: int, r_max: int | None = None):
+    """max / min of a diagonal within each Fourier shell (1 = perfectly isotropic), per shell."""
+    r_max = box // 2 - 1 if r_max is None else r_max
+    return (radial_profile(diag, box, "max") / radial_profile(diag, box, "min"))[: r_max + 1]

@@ -1,0 +1,120 @@
+"""The reconstruction objective: weighted least squares in Fourier space plus Tikhonov.
+
+    L(v) = sum_i w_i sum_p m_p s_p |c_ip (A_i v)_p - y_ip|^2 / sum_i w_i  +  lam ||v||^2
+
+over a minibatch: w_i particle weights (0 for padding), m_p the Hermitian multiplicity of
+each half-plane pixel (so the sum equals the one over the full spectrum), s_p the noise
+weights (1/sigma^2 per shell; white by default), c the CTF, A_i the slice at pose i.
+
+The loss is quadratic, so the gradient and any number of Hessian-vector products share one
+forward and one adjoint pass (:func:`value_grad_hvp`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcryo.forward.model import Particles, ctf_batch, slices
+from jaxcryo.forward.slicing import INTERPOLATIONS, FourierGrid
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Static description of the objective (hashable: a safe jit static argument).
+
+    Attributes:
+      grid: the Fourier pixels used (box and r_max).
+      interpolation: 'nearest', 'trilinear' or 'nufft'.
+      lam: Tikhonov weight on ||v||^2.
+      shell_weights: optional 1/sigma^2 per Fourier shell (index round(|k|)), a tuple.
+    """
+
+    grid: FourierGrid
+    interpolation: str = "trilinear"
+    lam: float = 0.0
+    shell_weights: tuple | None = None
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+
+    @property
+    def pixel_weights(self) -> np.ndarray:
+        """(P,) multiplicity times noise weight of each pixel."""
+        w = self.grid.multiplicity.copy()
+        if self.shell_weights is not None:
+            shells = np.rint(np.linalg.norm(self.grid.freqs, axis=-1)).astype(int)
+            w = w * np.asarray(self.shell_weights, np.float64)[np.minimum(shells, len(self.shell_weights) - 1)]
+        return w
+
+    def zeros(self, dtype=jnp.float32):
+        """A zero volume in this problem's parametrisation, (N, N, N//2+1, 2)."""
+        return jnp.zeros(self.grid.volume_shape + (2,), dtype)
+
+
+def _stack_channels(params, probes):
+    """params (..., 2) and probes (k, ..., 2) -> one volume (..., 2 + 2k)."""
+    if probes is None:
+        return params
+    return jnp.concatenate([params] + [probes[j] for j in range(probes.shape[0])], axis=-1)
+
+
+def forward(volume, batch: Particles, problem: Problem):
+    """CTF-modulated slices (B, P, C) of a pair volume (N, N, H, C)."""
+    s = slices(volume, batch.rotations, problem.grid, problem.interpolation)
+    return s * ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], s.dtype)[..., None]
+
+
+def _scale(batch: Particles, problem: Problem, dtype):
+    """Per-pixel, per-image weights (B, P, 1) including 1/sum(w)."""
+    w = batch.weight.astype(dtype)
+    total = jnp.maximum(jnp.sum(w), jnp.asarray(1e-12, dtype))
+    return (w / total)[:, None, None] * jnp.asarray(problem.pixel_weights, dtype)[None, :, None]
+
+
+def loss(params, batch: Particles, problem: Problem):
+    """The objective on a minibatch (scalar). params: (N, N, N//2+1, 2) real pairs."""
+    r = forward(params, batch, problem) - batch.data
+    data_term = jnp.sum(_scale(batch, problem, params.dtype) * r * r)
+    return data_term + problem.lam * jnp.sum(params * params)
+
+
+def per_image_loss(params, batch: Particles, problem: Problem):
+    """Unweighted data term of each image, (B,): sum_p m_p s_p |c A v - y|^2."""
+    r = forward(params, batch, problem) - batch.data
+    pw = jnp.asarray(problem.pixel_weights, params.dtype)
+    return jnp.sum(pw[None, :, None] * r * r, axis=(1, 2))
+
+
+def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None):
+    """Loss, gradient and Hessian-vector products in one forward and one adjoint pass.
+
+    Args:
+      params: (N, N, H, 2) pairs.
+      probes: optional (k, N, N, H, 2) directions z_j.
+    Returns:
+      (loss, grad, hvps) with hvps of shape (k, N, N, H, 2) (None without probes).
+    """
+    k = 0 if probes is None else probes.shape[0]
+    volume = _stack_channels(params, probes)
+    model, vjp = jax.vjp(lambda v: forward(v, batch, problem), volume)
+    scale = _scale(batch, problem, params.dtype)
+    resid = model[..., :2] - batch.data
+    value = jnp.sum(scale * resid * resid) + problem.lam * jnp.sum(params * params)
+    cot = 2.0 * scale * jnp.concatenate([resid, model[..., 2:]], axis=-1)
+    (back,) = vjp(cot)
+    grad = back[..., :2] + 2.0 * problem.lam * params
+    if k == 0:
+        return value, grad, None
+    hvps = jnp.stack([back[..., 2 + 2 * j: 4 + 2 * j] for j in range(k)]) + 2.0 * problem.lam * probes
+    return value, grad, hvps
+
+
+def subset(particles: Particles, index) -> Particles:
+    """Rows ``index`` of a particle set; negative indices give zero-weight padding."""
+    safe = jnp.maximum(index, 0)
+    taken = jax.tree_util.tree_map(lambda x: x[safe], particles)
+    return taken._replace(weight=jnp.where(index >= 0, taken.weight, 0).astype(taken.weight.dtype))
