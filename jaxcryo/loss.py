@@ -50,6 +50,9 @@ class Problem:
             w = w * np.asarray(self.shell_weights, np.float64)[np.minimum(shells, len(self.shell_weights) - 1)]
         return w
 
+    def _replace_lam0(self) -> "Problem":
+        return dataclasses.replace(self, lam=0.0)
+
     def zeros(self, dtype=jnp.float32):
         """A zero volume in this problem's parametrisation, (N, N, N//2+1, 2)."""
         return jnp.zeros(self.grid.volume_shape + (2,), dtype)
@@ -116,5 +119,5 @@ def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None):
 def subset(particles: Particles, index) -> Particles:
     """Rows ``index`` of a particle set; negative indices give zero-weight padding."""
     safe = jnp.maximum(index, 0)
-    taken = jax.tree_util.tree_map(lambda x: x[safe], particles)
+    taken = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[safe], particles)
     return taken._replace(weight=jnp.where(index >= 0, taken.weight, 0).astype(taken.weight.dtype))

@@ -74,14 +74,14 @@ def ctf(freqs, params: CTFParams, box: int):
 
 
 def shift_phase(freqs, shift_px, box: int):
-    """Phase ramp that translates an image by ``shift_px`` = (dx, dy) pixels: (P, 2) pairs.
+    """Phase ramp that translates an image by ``-shift_px``, shift_px = (dx, dy) pixels: (P, 2).
 
-    RELION's rlnOriginX/YAngst (divided by the pixel size) is the shift that carries the
-    centred projection onto the particle image, so the model image is the projection
-    multiplied by this ramp, exp(-2 pi i k.s / N).
+    RELION's rlnOriginX/YAngst (divided by the pixel size) is the translation that centres the
+    particle, so the particle is the centred projection translated by -origin (checked against
+    relion_project 3.1): the model image is the projection times exp(+2 pi i k.s / N).
     """
     freqs = jnp.asarray(freqs, dtype=shift_px.dtype)
-    phase = -2.0 * jnp.pi * (freqs @ shift_px) / box
+    phase = 2.0 * jnp.pi * (freqs @ shift_px) / box
     return jnp.stack([jnp.cos(phase), jnp.sin(phase)], axis=-1)
 
 
