@@ -78,13 +78,392 @@ def _plot_demo(results, path):
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help (not for flags and required options);
+    descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not value > 0 or (kind is float and not np_isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def np_isfinite(x) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _note(args, text: str) -> None:
+    """One informational line on stderr (kept even with --quiet: notes are about the input)."""
+    print(f"jaxcryo {args.command}: note: {text}", file=sys.stderr)
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text)
+
+
+def _check_output_folder(path: str) -> str:
+    from jaxcryo.io import InputError
+
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise InputError(f"{path}: cannot write, folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write, folder {folder} is not writable")
+    return path
+
+
+def _map_root(path: str) -> str:
+    root, ext = os.path.splitext(path)
+    return root if ext.lower() in (".mrc", ".map", ".mrcs") else path
+
+
+def _write_json(path: str, obj) -> None:
+    from jaxcryo.io.errors import atomic_output
+
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.write("\n")
+
+
+def _plot_fsc(curve, pixel_size_angstrom: float, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from jaxcryo.fsc import resolution, shell_frequencies
+    from jaxcryo.io.errors import atomic_output
+
+    freqs = shell_frequencies(2 * (len(curve) - 1), pixel_size_angstrom)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(freqs[1:], np.asarray(curve)[1:], "o-", ms=3, label="FSC")
+    for threshold, style in ((0.5, ":"), (0.143, "--")):
+        res = resolution(curve, pixel_size_angstrom, threshold)
+        ax.axhline(threshold, color="gray", ls=style, lw=1)
+        ax.text(freqs[-1], threshold + 0.02, f"{threshold:g}: {res:.2f} Å", ha="right", fontsize=8)
+    ax.set(xlabel="spatial frequency (1/Å)", ylabel="FSC", title=title, ylim=(-0.1, 1.05))
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _fsc_table(curve, pixel_size_angstrom: float) -> list[dict]:
+    from jaxcryo.fsc import shell_frequencies
+
+    freqs = shell_frequencies(2 * (len(curve) - 1), pixel_size_angstrom)
+    return [{"shell": i, "frequency_per_angstrom": float(f), "resolution_angstrom": float(1 / f) if f else None,
+             "fsc": float(c)} for i, (f, c) in enumerate(zip(freqs, curve))]
+
+
+# ----------------------------------------------------------------------------- simulate
+
+
+def _simulate(args) -> int:
+    import numpy as np
+
+    import jaxcryo as jc
+    from jaxcryo.io import make_table, read_map, write_map, write_particles, write_stack
+
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        from jaxcryo.io import InputError
+        raise InputError(f"{out}: exists and is not a folder")
+    if args.volume:
+        volume, header_px = read_map(args.volume)
+        box = volume.shape[0]
+        if header_px > 0:
+            px = header_px
+        else:
+            px = args.pixel_size
+            _note(args, f"{args.volume} header has no voxel size; using --pixel-size {px:g} Å")
+        if box < 4:
+            from jaxcryo.io import InputError
+            raise InputError(f"{args.volume}: map is {box} px; need at least 4 px")
+        source = f"{os.path.basename(args.volume)} ({box}^3, {px:g} Å/px)"
+    else:
+        box, px = args.box, args.pixel_size
+        volume = jc.synthetic_molecule(box, pixel_size_angstrom=px, seed=args.seed)
+        source = f"the built-in synthetic molecule ({box}^3, {px:g} Å/px)"
+    os.makedirs(out, exist_ok=True)
+    _say(args, f"jaxcryo simulate: {args.n_images} particles of {source}, SNR {args.snr:g}, random poses, "
+               f"CTF and shifts")
+    t0 = time.perf_counter()
+    sim = jc.simulate_particles(volume, args.n_images, pixel_size_angstrom=px, snr=args.snr, seed=args.seed)
+    stack_path = os.path.join(out, "particles.mrcs")
+    write_stack(stack_path, sim.images, pixel_size_angstrom=px)
+    c = sim.ctf
+    table = make_table(stack_paths=stack_path, stack_indices=np.arange(args.n_images), pixel_size_angstrom=px,
+                       euler_deg=sim.euler_deg, shifts_angstrom=sim.shifts_angstrom,
+                       defocus_u_angstrom=c.defocus_u_angstrom, defocus_v_angstrom=c.defocus_v_angstrom,
+                       defocus_angle_deg=c.defocus_angle_deg, voltage_kv=_decimal(c.voltage_kv[0]),
+                       cs_mm=_decimal(c.cs_mm[0]), amplitude_contrast=_decimal(c.amplitude_contrast[0]),
+                       box_size=box)
+    write_particles(os.path.join(out, "particles.star"), table)
+    write_map(os.path.join(out, "truth.mrc"), volume, voxel_size_angstrom=px)
+    _say(args, f"jaxcryo simulate: wrote {out}/particles.star, particles.mrcs, truth.mrc "
+               f"(noise sigma {sim.noise_sigma:.3g}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _decimal(x) -> float:
+    """A float32 setting as the decimal it was meant to be (2.7, not 2.700000047683716)."""
+    return float(f"{float(x):.6g}")
+
+
+# ----------------------------------------------------------------------------- project
+
+
+def _default_interpolation() -> str:
+    import jax
+    return "nufft" if jax.default_backend() == "cpu" else "trilinear"
+
+
+def _project(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcryo.forward import CTFParams, FourierGrid, render, volume_to_ft
+    from jaxcryo.io import InputError, read_map, read_particles, write_stack
+    from jaxcryo.pipeline import table_poses
+
+    out = _check_output_folder(args.out)
+    volume, header_px = read_map(args.map)
+    table = read_particles(args.star)
+    box = volume.shape[0]
+    star_box = table.box_size[table.box_size > 0]
+    if len(star_box) and np.any(star_box != box):
+        raise InputError(f"{args.star}: rlnImageSize is {star_box[star_box != box][0]} px but {args.map} is "
+                         f"{box} px; project needs the map's box")
+    px = float(table.pixel_size_angstrom[0])
+    if not np.allclose(table.pixel_size_angstrom, px, rtol=1e-4):
+        raise InputError(f"{args.star}: particles have different pixel sizes; project needs one")
+    if header_px <= 0 or abs(header_px - px) > 0.01 * px:
+        _note(args, f"{os.path.basename(args.map)} header says {header_px:.2f} Å/px; using the STAR's {px:.2f} Å/px")
+    with_ctf = not args.no_ctf
+    if with_ctf and not table.has_ctf:
+        _note(args, f"{args.star} has no CTF columns; projecting without CTF")
+    interpolation = args.interpolation if args.interpolation != "auto" else _default_interpolation()
+    grid = FourierGrid(box, box // 2 if interpolation == "nufft" else None)
+    vft = volume_to_ft(jnp.asarray(volume))
+    draw = jax.jit(lambda r, s, c: render(vft, r, s, c, grid, interpolation))
+    n = len(table)
+    images = np.empty((n, box, box), np.float32)
+    chunk = 256
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(n, start + chunk))
+        rotations, shifts_px, ctf = table_poses(table, rows, with_ctf=with_ctf)
+        ctf = None if ctf is None else CTFParams(*(jnp.asarray(f) for f in ctf))
+        images[rows] = np.asarray(draw(jnp.asarray(rotations), jnp.asarray(shifts_px), ctf))
+    write_stack(out, images, pixel_size_angstrom=px)
+    _say(args, f"jaxcryo project: wrote {n} {'CTF-modulated ' if with_ctf and table.has_ctf else ''}projections "
+               f"({box} px, {px:g} Å/px, {interpolation}) to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fsc
+
+
+def _fsc(args) -> int:
+    import numpy as np
+
+    from jaxcryo.fsc import fsc, resolution
+    from jaxcryo.io import InputError, read_map
+
+    plot = _check_output_folder(args.plot) if args.plot else None
+    a, px_a = read_map(args.map_a)
+    b, px_b = read_map(args.map_b)
+    if a.shape != b.shape:
+        raise InputError(f"{args.map_b}: shape {b.shape} differs from {args.map_a}'s {a.shape}")
+    if args.pixel_size:
+        px = args.pixel_size
+    elif px_a > 0:
+        px = px_a
+        if px_b > 0 and abs(px_b - px_a) > 0.01 * px_a:
+            _note(args, f"{args.map_b} header says {px_b:.3f} Å/px, {args.map_a} {px_a:.3f} Å/px; using {px_a:.3f}")
+    elif px_b > 0:
+        px = px_b
+    else:
+        raise InputError(f"{args.map_a}: header has no voxel size; pass --pixel-size")
+    curve = fsc(a, b)
+    res05, res0143 = resolution(curve, px, 0.5), resolution(curve, px, 0.143)
+    rows = _fsc_table(curve, px)
+    if not args.quiet:
+        print(f"{'shell':>5} {'1/Å':>8} {'Å':>8} {'FSC':>7}")
+        for r in rows:
+            res = f"{r['resolution_angstrom']:.2f}" if r["resolution_angstrom"] else "inf"
+            print(f"{r['shell']:>5} {r['frequency_per_angstrom']:>8.4f} {res:>8} {r['fsc']:>7.3f}")
+    if plot:
+        _plot_fsc(curve, px, plot, f"{os.path.basename(args.map_a)} vs {os.path.basename(args.map_b)}")
+    if args.json:
+        _write_json(_check_output_folder(args.json), {"pixel_size_angstrom": px, "resolution_fsc_0.5": res05,
+                                                      "resolution_fsc_0.143": res0143, "curve": rows})
+    print(f"resolution: {res05:.2f} Å at FSC 0.5, {res0143:.2f} Å at FSC 0.143 ({a.shape[0]} px, {px:g} Å/px)"
+          + (f"; plot {plot}" if plot else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- reconstruct
+
+
+def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
+    import hashlib
+
+    with open(table.star_path, "rb") as fh:
+        digest = hashlib.sha1(fh.read()).hexdigest()
+    return {"star": os.path.abspath(table.star_path), "star_sha1": digest, "n_particles": len(table), "box": box,
+            "pixel_size_angstrom": px, "method": args.method, "batch_size": args.batch_size,
+            "interpolation": args.interpolation, "lam": args.lam, "seed": args.seed, "halves": not args.no_halves,
+            "mode": mode}
+
+
+def _reconstruct(args) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    import jaxcryo as jc
+    from jaxcryo.forward import FourierGrid
+    from jaxcryo.fsc import resolution
+    from jaxcryo.io import InputError, write_map
+    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
+                                  load_particles, open_particles, plan_memory, save_checkpoint)
+
+    out = _check_output_folder(args.out)
+    root = _map_root(out)
+    folder = os.path.dirname(out)
+    ckpt = checkpoint_path(out)
+    t_start = time.perf_counter()
+    table, stack = open_particles(args.star)
+    with stack:
+        note = stack.pixel_size_note()
+        if note:
+            _note(args, note)
+        box, px, n = stack.box_size, float(table.pixel_size_angstrom[0]), len(table)
+        halves = not args.no_halves
+        if halves and n < 2:
+            raise InputError(f"{args.star}: {n} particle; half-maps need at least 2 (or pass --no-halves)")
+        if not table.has_ctf:
+            _note(args, f"{args.star} has no CTF columns; reconstructing without CTF")
+        grid = FourierGrid(box)
+        plan = plan_memory(n, box, groups=2 if halves else 1, chunk_size=args.chunk_size)
+        limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
+        _say(args, f"jaxcryo reconstruct: {n} particles, {box} px, {px:g} Å/px, {args.method}, "
+                   f"{args.epochs} epochs of batch {args.batch_size}, {args.interpolation}; "
+                   f"memory needed {plan.describe()}, limit {format_bytes(limit)}")
+        if plan.in_memory_bytes > limit:
+            raise InputError(
+                f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)} in memory, "
+                f"above the limit of {format_bytes(limit)}; raise --max-memory-gb if the machine has the memory, "
+                "or split the STAR file")
+
+        settings = _settings_fingerprint(args, table, box, px, "memory")
+        resume = None
+        if os.path.exists(ckpt):
+            state, saved = load_checkpoint(ckpt)
+            if saved == settings:
+                resume = state
+                _note(args, f"resuming from {ckpt} at epoch {state.epoch}")
+            elif args.resume:
+                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
+                                 "rerun with those settings, or without --resume to start afresh")
+            else:
+                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
+        elif args.resume:
+            raise InputError(f"{ckpt}: no checkpoint to resume from")
+
+        bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
+        particles = load_particles(table, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+        bar.close()
+
+    start_epoch = 0 if resume is None else resume.epoch
+    bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="epochs", unit="epoch",
+               disable=args.quiet, leave=False)
+    bar.set_postfix_str("compiling")
+
+    def on_epoch(state):
+        save_checkpoint(ckpt, state, settings)
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.history['loss'][-1]:.5g}")
+
+    rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
+                         interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
+                         lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch)
+    bar.close()
+    del particles
+
+    write_map(out, rec.volume, voxel_size_angstrom=px)
+    written = [os.path.basename(out)]
+    history = {k: rec.history[k] for k in ("epoch", "loss", "seconds")}
+    history["compile_seconds"] = rec.history.get("compile_seconds")
+    history.update(settings={k: v for k, v in settings.items() if k != "star_sha1"}, pixel_size_angstrom=px)
+    if halves:
+        for i in (0, 1):
+            write_map(f"{root}_half{i + 1}.mrc", rec.half_maps[i], voxel_size_angstrom=px)
+            written.append(os.path.basename(f"{root}_half{i + 1}.mrc"))
+        res05 = resolution(rec.fsc, px, 0.5)
+        _plot_fsc(rec.fsc, px, f"{root}_fsc.png", f"half-map FSC, {os.path.basename(out)}")
+        written.append(os.path.basename(f"{root}_fsc.png"))
+        history.update(fsc=_fsc_table(rec.fsc, px), resolution_angstrom=rec.resolution_angstrom,
+                       resolution_fsc_0_5_angstrom=res05)
+    else:
+        history.update(fsc=None, resolution_angstrom=None, resolution_fsc_0_5_angstrom=None)
+    _write_json(os.path.join(folder, "history.json"), history)
+    written.append("history.json")
+    loss = rec.history["loss"][-1] if rec.history["loss"] else float("nan")
+    res = f"half-map resolution {rec.resolution_angstrom:.2f} Å (FSC 0.143)" if halves else "no half-maps"
+    print(f"jaxcryo reconstruct: {n} particles, {rec.state.epoch} epochs {args.method}, loss {loss:.5g}, {res}, "
+          f"{time.perf_counter() - t_start:.1f} s; wrote {', '.join(written)} in {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from jaxcryo.reconstruct import METHODS
+    from jaxcryo.forward.slicing import INTERPOLATIONS
+
     parser = argparse.ArgumentParser(
-        prog="jaxcryo", description="Cryo-EM reconstruction with known poses by preconditioned SGD (JAX).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="jaxcryo", formatter_class=_Formatter,
+        description="Cryo-EM reconstruction with known poses by preconditioned SGD (JAX).\n\n"
+                    "Reads RELION 3.0/3.1 particle STAR files with MRC stacks; writes MRC maps, half-maps,\n"
+                    "FSC curves and plots. Run 'jaxcryo COMMAND --help' for each command's options.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pos_int, pos_float = _positive(int), _positive(float)
+
     demo = sub.add_parser("demo", help="simulate a synthetic molecule, reconstruct with sgd and psgd, compare",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_Formatter)
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--box", type=int, default=48, help="box size (pixels)")
     demo.add_argument("--pixel-size", type=float, default=2.5, help="pixel size (Angstrom)")
@@ -94,7 +473,95 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=128, help="images per step")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser(
+        "simulate", formatter_class=_Formatter, help="simulate a RELION 3.1 particle set with known poses",
+        description="Project a map at uniformly random poses, apply a random CTF (300 kV, Cs 2.7 mm,\n"
+                    "defocus 1-2.5 um, AC 0.1) and random shifts (up to 3 px), add white noise, and write\n"
+                    "DIR/particles.star (RELION 3.1), DIR/particles.mrcs and DIR/truth.mrc.")
+    sim.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    sim.add_argument("--volume", metavar="MAP.mrc", default=None,
+                     help="map to project; its box and voxel size replace --box and --pixel-size "
+                          "(default: the built-in synthetic molecule)")
+    sim.add_argument("--n-images", type=pos_int, default=1000, metavar="N", help="number of particles")
+    sim.add_argument("--box", type=_positive(int), default=64, metavar="B",
+                     help="box size of the synthetic molecule (pixels)")
+    sim.add_argument("--pixel-size", type=pos_float, default=2.0, metavar="A",
+                     help="pixel size of the synthetic molecule, or of a --volume whose header has none (Angstrom)")
+    sim.add_argument("--snr", type=pos_float, default=0.1, metavar="S",
+                     help="signal-to-noise ratio: variance of the clean images over that of the noise")
+    sim.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    sim.add_argument("--quiet", action="store_true", help="print nothing but errors and notes")
+    sim.set_defaults(func=_simulate)
+
+    proj = sub.add_parser(
+        "project", formatter_class=_Formatter, help="noise-free projections of a map at a STAR file's poses",
+        description="Project MAP at each particle's pose, with its shift (rlnOriginX/YAngst) and CTF,\n"
+                    "as 'relion_project --ctf' does (same sign conventions; image scale differs by a constant).")
+    proj.add_argument("map", metavar="MAP.mrc", help="map to project (its box must match the STAR's rlnImageSize)")
+    proj.add_argument("--star", required=True, metavar="POSES.star",
+                      help="RELION particle STAR file with rlnAngleRot/Tilt/Psi, shifts and CTF")
+    proj.add_argument("--out", required=True, metavar="PROJ.mrcs", help="output image stack")
+    proj.add_argument("--no-ctf", action="store_true", help="do not apply the CTF")
+    proj.add_argument("--interpolation", choices=("auto",) + INTERPOLATIONS, default="auto",
+                      help="Fourier slicing; auto: nufft (exact) on CPU, trilinear on GPU/TPU")
+    proj.add_argument("--quiet", action="store_true", help="print nothing but errors and notes")
+    proj.set_defaults(func=_project)
+
+    rec = sub.add_parser(
+        "reconstruct", formatter_class=_Formatter, help="reconstruct a map from particles with known poses",
+        description="Reconstruct a map from a RELION particle STAR file with known poses (rlnAngleRot/Tilt/Psi,\n"
+                    "rlnOriginX/YAngst, CTF) by preconditioned stochastic gradients, as two independent\n"
+                    "half-sets. Writes MAP.mrc (mean of the halves), MAP_half1.mrc, MAP_half2.mrc,\n"
+                    "MAP_fsc.png and history.json beside MAP, and a checkpoint MAP.ckpt.npz after every\n"
+                    "epoch: rerunning the same command (or --resume) continues a killed run.")
+    rec.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file with poses")
+    rec.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
+    rec.add_argument("--method", choices=METHODS, default="psgd",
+                     help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "
+                          "sgd, adam; all but adam use an Armijo line search (c 0.99, initial step 10)")
+    rec.add_argument("--epochs", type=pos_int, default=10, metavar="E", help="passes over the data")
+    rec.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
+    rec.add_argument("--interpolation", choices=INTERPOLATIONS, default="trilinear",
+                     help="Fourier slicing (nufft runs on CPU only)")
+    rec.add_argument("--lam", type=float, default=1e-4, metavar="L", help="Tikhonov weight on ||v||^2")
+    rec.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (half-sets, shuffles, probes)")
+    rec.add_argument("--no-halves", action="store_true",
+                     help="one reconstruction from all particles (no half-maps, no FSC)")
+    rec.add_argument("--resume", action="store_true",
+                     help="continue from MAP.ckpt.npz; an error if it is missing or was made with other settings "
+                          "(without --resume, a matching checkpoint is used anyway)")
+    rec.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
+                     help="refuse to start when the run needs more memory than this (GiB; default: 80%% of "
+                          "the memory available at start)")
+    rec.add_argument("--chunk-size", type=pos_int, default=1024, metavar="N",
+                     help="images read and Fourier transformed at a time")
+    rec.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
+    rec.set_defaults(func=_reconstruct)
+
+    fsc = sub.add_parser("fsc", formatter_class=_Formatter, help="Fourier shell correlation of two maps",
+                         description="FSC between two maps per Fourier shell, the resolution at FSC 0.5 and "
+                                     "0.143, and a plot.")
+    fsc.add_argument("map_a", metavar="A.mrc", help="first map")
+    fsc.add_argument("map_b", metavar="B.mrc", help="second map (same box)")
+    fsc.add_argument("--pixel-size", type=pos_float, default=None, metavar="A",
+                     help="voxel size (Angstrom; default: A.mrc's header)")
+    fsc.add_argument("--plot", default="fsc.png", metavar="PNG", help="plot to write ('' for none)")
+    fsc.add_argument("--json", default=None, metavar="JSON", help="also write the curve and resolutions as JSON")
+    fsc.add_argument("--quiet", action="store_true", help="print only the resolution line")
+    fsc.set_defaults(func=_fsc)
+
+    _add_condition(sub)
     return parser
+
+
+def _add_condition(sub) -> None:
+    """The `condition` subcommand, from jaxcryo.conditioning when that module is present."""
+    try:
+        from jaxcryo.conditioning import add_condition_command
+    except ImportError:
+        return
+    add_condition_command(sub)
 
 
 def main(argv=None) -> int:
@@ -106,6 +573,16 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"jaxcryo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jaxcryo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"jaxcryo {args.command}: error: out of memory (see --max-memory-gb, --chunk-size)", file=sys.stderr)
+        return 1
+    except OSError as err:
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"jaxcryo {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
