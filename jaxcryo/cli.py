@@ -583,6 +583,12 @@ def main(argv=None) -> int:
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
         print(f"jaxcryo {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a malformed input no check foresaw, or a bug: still one line, no traceback
+        if os.environ.get("JAXCRYO_DEBUG"):
+            raise
+        print(f"jaxcryo {args.command}: error: {type(err).__name__}: {err} "
+              "(set JAXCRYO_DEBUG=1 to see where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
