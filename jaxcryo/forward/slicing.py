@@ -133,7 +133,7 @@ def _fold(q, weight, box):
 def gather(volume, stencil):
     """Slice: read the stencil's voxels from a pair volume (N, N, N//2+1, C) -> (P, C)."""
     index, weight, sign = stencil
-    rows = volume.reshape(-1, volume.shape[-1])[index]  # (P, K, C)
+    rows = jnp.asarray(volume).reshape(-1, volume.shape[-1])[index]  # (P, K, C); numpy input too
     parity = jnp.asarray([1.0, 0.0] * (volume.shape[-1] // 2), volume.dtype)
     factor = parity + (1 - parity) * sign[..., None]  # flips imaginary parts of mirrored voxels
     return jnp.einsum("pk,pkc->pc", weight, rows * factor)
