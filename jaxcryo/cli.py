@@ -356,7 +356,8 @@ def _reconstruct(args) -> int:
     from jaxcryo.fsc import resolution
     from jaxcryo.io import InputError, write_map
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
-                                  load_particles, open_particles, plan_memory, save_checkpoint)
+                                  load_particles, open_particles, plan_memory, plan_streaming_bytes,
+                                  reconstruct_streaming, save_checkpoint)
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
@@ -375,21 +376,38 @@ def _reconstruct(args) -> int:
         if not table.has_ctf:
             _note(args, f"{args.star} has no CTF columns; reconstructing without CTF")
         grid = FourierGrid(box)
-        plan = plan_memory(n, box, groups=2 if halves else 1, chunk_size=args.chunk_size)
+        groups = 2 if halves else 1
+        plan = plan_memory(n, box, groups=groups, chunk_size=args.chunk_size)
+        stream_bytes = plan_streaming_bytes(box, groups=groups, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
-        _say(args, f"jaxcryo reconstruct: {n} particles, {box} px, {px:g} Å/px, {args.method}, "
-                   f"{args.epochs} epochs of batch {args.batch_size}, {args.interpolation}; "
-                   f"memory needed {plan.describe()}, limit {format_bytes(limit)}")
-        if plan.in_memory_bytes > limit:
-            raise InputError(
-                f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)} in memory, "
-                f"above the limit of {format_bytes(limit)}; raise --max-memory-gb if the machine has the memory, "
-                "or split the STAR file")
 
         settings = _settings_fingerprint(args, table, box, px, "memory")
-        resume = None
+        saved = state = None
         if os.path.exists(ckpt):
             state, saved = load_checkpoint(ckpt)
+        # A checkpoint made streaming keeps streaming (its minibatches are drawn within chunks).
+        stream = args.stream or plan.in_memory_bytes > limit or (
+            saved is not None and saved.get("mode") == f"stream {args.chunk_size}"
+            and saved == {**settings, "mode": saved["mode"]})
+        if stream:
+            settings["mode"] = f"stream {args.chunk_size}"
+            needed = stream_bytes
+            how = (f"streaming chunks of {args.chunk_size} images from disk (the whole set in memory would need "
+                   f"{format_bytes(plan.in_memory_bytes)})")
+        else:
+            needed = plan.in_memory_bytes
+            how = f"in memory: {plan.describe()}"
+        _say(args, f"jaxcryo reconstruct: {n} particles, {box} px, {px:g} Å/px, {args.method}, "
+                   f"{args.epochs} epochs of batch {args.batch_size}, {args.interpolation}; "
+                   f"memory needed {format_bytes(needed)} ({how}), limit {format_bytes(limit)}")
+        if needed > limit:
+            raise InputError(
+                f"{args.star}: {n} particles of {box} px need {format_bytes(needed)} even when streamed in chunks "
+                f"of {args.chunk_size}, above the limit of {format_bytes(limit)}; lower --chunk-size, or raise "
+                "--max-memory-gb if the machine has the memory")
+
+        resume = None
+        if saved is not None:
             if saved == settings:
                 resume = state
                 _note(args, f"resuming from {ckpt} at epoch {state.epoch}")
@@ -401,26 +419,43 @@ def _reconstruct(args) -> int:
                 _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
         elif args.resume:
             raise InputError(f"{ckpt}: no checkpoint to resume from")
+        if stream and args.method == "psgd-exact":
+            raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 
-        bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
-        particles = load_particles(table, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
-        bar.close()
+        start_epoch = 0 if resume is None else resume.epoch
+        epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="epochs", unit="epoch",
+                          disable=args.quiet, leave=False, position=0)
 
-    start_epoch = 0 if resume is None else resume.epoch
-    bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="epochs", unit="epoch",
-               disable=args.quiet, leave=False)
-    bar.set_postfix_str("compiling")
+        def on_epoch(state):
+            save_checkpoint(ckpt, state, settings)
+            epochs_bar.update(1)
+            epochs_bar.set_postfix(loss=f"{state.history['loss'][-1]:.5g}")
 
-    def on_epoch(state):
-        save_checkpoint(ckpt, state, settings)
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.history['loss'][-1]:.5g}")
+        if stream:
+            images_bar = tqdm(total=n, desc="images this epoch", unit="img", disable=args.quiet, leave=False,
+                              position=1)
 
-    rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
-                         interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
-                         lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch)
-    bar.close()
-    del particles
+            def on_chunk(k):
+                images_bar.update(k)
+                if images_bar.n >= n:
+                    images_bar.reset()
+
+            rec = reconstruct_streaming(table, stack, box=box, pixel_size_angstrom=px, method=args.method,
+                                        interpolation=args.interpolation, epochs=args.epochs,
+                                        batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
+                                        chunk_size=args.chunk_size, resume=resume, callback=on_epoch,
+                                        progress=on_chunk)
+            images_bar.close()
+        else:
+            bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False, position=1)
+            particles = load_particles(table, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+            bar.close()
+            epochs_bar.set_postfix_str("compiling")
+            rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
+                                 interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
+                                 lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch)
+            del particles
+        epochs_bar.close()
 
     write_map(out, rec.volume, voxel_size_angstrom=px)
     written = [os.path.basename(out)]
@@ -534,8 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                      help="refuse to start when the run needs more memory than this (GiB; default: 80%% of "
                           "the memory available at start)")
-    rec.add_argument("--chunk-size", type=pos_int, default=1024, metavar="N",
-                     help="images read and Fourier transformed at a time")
+    rec.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N",
+                     help="images read and Fourier transformed at a time (and, when streaming, swept at a time)")
+    rec.add_argument("--stream", action="store_true",
+                     help="read the particles from disk chunk by chunk every epoch instead of holding them in "
+                          "memory (chosen automatically when they do not fit under --max-memory-gb)")
     rec.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
     rec.set_defaults(func=_reconstruct)
 

@@ -34,7 +34,7 @@ CHECKPOINT_VERSION = 1
 
 __all__ = ["open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
            "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint",
-           "checkpoint_path", "format_bytes", "GIB"]
+           "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
 
 
 # ----------------------------------------------------------------------------- particles
@@ -239,3 +239,116 @@ def load_checkpoint(path) -> tuple[ReconState, dict]:
     params, opt_state, key = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
     state = ReconState(meta["epoch"], params, opt_state, key, meta["history"])
     return state, meta["settings"]
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def plan_streaming_bytes(box: int, *, r_max: int | None = None, groups: int = 2, chunk_size: int = 4096,
+                         dtype_bytes: int = 4) -> int:
+    """Memory of a streamed reconstruction: the volumes plus ~4 chunks of images and one of pairs."""
+    grid = FourierGrid(box, r_max)
+    volumes = plan_memory(1, box, r_max=r_max, groups=groups).volumes_bytes
+    chunk_images = 4 * chunk_size * box * box * dtype_bytes
+    chunk_pairs = 2 * chunk_size * (grid.n_pixels * 2 + 19) * dtype_bytes
+    return volumes + chunk_images + chunk_pairs
+
+
+def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: int, pixel_size_angstrom: float,
+                          method: str = "psgd", interpolation: str = "trilinear", epochs: int = 10,
+                          batch_size: int = 128, lam: float = 1e-4, halves: bool = True, seed: int = 0,
+                          chunk_size: int = 4096, resume: ReconState | None = None,
+                          callback: Callable[[ReconState], Any] | None = None,
+                          progress: Callable[[int], Any] | None = None):
+    """:func:`~jaxcryo.reconstruct.reconstruct` for particle sets larger than memory.
+
+    Each epoch visits the particles of each half-set in a fresh random order, ``chunk_size``
+    images at a time (both halves together): the chunk is read from disk (prefetched in a
+    thread), Fourier transformed, and swept by the same compiled epoch function
+    (:func:`~jaxcryo.reconstruct.make_epoch`: shuffled minibatches under ``lax.scan``). A
+    second pass computes the full-data loss. Memory: the volumes plus a few chunks. The half
+    split, optimizer and history are those of ``reconstruct``; the minibatches differ (they
+    are drawn within chunks), so the map equals ``reconstruct``'s only up to optimisation noise.
+
+    ``progress(k)`` is called with the images done after each chunk of the training pass.
+    """
+    from jaxcryo.fsc import fsc_ft, resolution
+    from jaxcryo.forward.model import ft_to_volume
+    from jaxcryo.loss import Problem
+    from jaxcryo.reconstruct import Reconstruction, make_epoch, make_full_loss, make_optimizer, _split_halves
+
+    if method == "psgd-exact":
+        raise InputError("psgd-exact needs every particle in memory for its diagonal; "
+                         "use --method psgd with streaming")
+    import time
+
+    grid = FourierGrid(box)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    dtype = np.float32
+    split_key, key = jax.random.split(jax.random.PRNGKey(seed))
+    groups = _split_halves(split_key, len(table), halves)
+    g, m = groups.shape
+    batch_size = int(min(batch_size, m))
+    per_half = max(batch_size, (chunk_size // g) // batch_size * batch_size)  # whole minibatches per chunk
+    tx = make_optimizer(method, box=box, r_max=grid.radius, seed=seed)
+    probes = 1 if method == "psgd" else 0
+    if resume is None:
+        params = jnp.stack([problem.zeros(dtype)] * g)
+        state = ReconState(0, params, jax.vmap(tx.init)(params), jax.random.split(key, g),
+                           {"epoch": [], "loss": [], "seconds": []})
+    else:
+        state = resume
+    epoch_fn = jax.jit(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False)),
+                       donate_argnums=(0, 1))
+    full_loss = jax.jit(jax.vmap(make_full_loss(problem, batch_size)))
+    prepare = _prepare_fn(grid)
+
+    def chunks(order):
+        """Stacked (g, c, ...) Particles of the columns of ``order`` (g, m), per_half at a time."""
+        blocks = [order[:, s:s + per_half] for s in range(0, m, per_half)]
+        flat = np.concatenate([b.ravel() for b in blocks])
+        rows_iter = stack.iter_chunks(g * per_half, order=np.maximum(flat, 0))
+        for block, (rows, images) in zip(blocks, rows_iter):
+            rotations, shifts_px, ctf = table_poses(table, rows, dtype=dtype)
+            data = np.asarray(prepare(jnp.asarray(images), jnp.asarray(shifts_px)))
+            part = Particles(data=data, rotations=rotations, ctf=ctf, weight=(block.ravel() >= 0).astype(dtype))
+            yield jax.tree.map(lambda x: jnp.asarray(x).reshape((g, -1) + x.shape[1:]), part)
+
+    history = {k: list(v) for k, v in state.history.items() if isinstance(v, list)}
+    history["compile_seconds"] = 0.0
+    elapsed = history["seconds"][-1] if history["seconds"] else 0.0
+    params, opt_state, keys = state.params, state.opt_state, state.key
+    for epoch in range(state.epoch + 1, epochs + 1):
+        t0 = time.perf_counter()
+        split = jax.vmap(jax.random.split)(keys)
+        keys = split[:, 0]
+        order = np.stack([groups[i][np.asarray(jax.random.permutation(split[i, 1], m))] for i in range(g)])
+        for part in chunks(order):
+            t1 = time.perf_counter()
+            params, opt_state, keys, _ = epoch_fn(params, opt_state, keys, part)
+            if epoch == state.epoch + 1 and not history["compile_seconds"]:
+                jax.block_until_ready(params)
+                history["compile_seconds"] = time.perf_counter() - t1
+            if progress is not None:
+                progress(int(np.sum(np.asarray(part.weight))))
+        jax.block_until_ready(params)
+        elapsed += time.perf_counter() - t0
+        ridge = lam * jnp.sum(params * params, axis=tuple(range(1, params.ndim)))
+        data_sum = jnp.zeros(g)
+        for part in chunks(groups):
+            w = jnp.sum(part.weight, axis=1)
+            data_sum = data_sum + (full_loss(params, part) - ridge) * w
+        totals = np.maximum((groups >= 0).sum(1), 1)
+        history["epoch"].append(epoch)
+        history["loss"].append(float(jnp.mean(data_sum / totals + ridge)))
+        history["seconds"].append(elapsed)
+        state = ReconState(epoch, params, opt_state, keys, history)
+        if callback is not None:
+            callback(state)
+    state = ReconState(state.epoch, params, opt_state, keys, history)
+    maps = np.asarray(jax.vmap(ft_to_volume)(params))
+    if halves:
+        curve = fsc_ft(params[0], params[1])
+        return Reconstruction(maps.mean(0), maps, params, curve, resolution(curve, pixel_size_angstrom), history,
+                              state)
+    return Reconstruction(maps[0], None, params, None, None, history, state)
