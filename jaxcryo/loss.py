@@ -71,17 +71,25 @@ def forward(volume, batch: Particles, problem: Problem):
     return s * ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], s.dtype)[..., None]
 
 
-def _scale(batch: Particles, problem: Problem, dtype):
-    """Per-pixel, per-image weights (B, P, 1) including 1/sum(w)."""
+def _scale(batch: Particles, problem: Problem, dtype, weight_total=None):
+    """Per-pixel, per-image weights (B, P, 1) including 1/sum(w).
+
+    ``weight_total`` replaces sum(w) when ``batch`` is one device's part of a larger minibatch
+    (the data-parallel driver passes the minibatch's total weight, summed across devices).
+    """
     w = batch.weight.astype(dtype)
-    total = jnp.maximum(jnp.sum(w), jnp.asarray(1e-12, dtype))
+    total = jnp.sum(w) if weight_total is None else jnp.asarray(weight_total, dtype)
+    total = jnp.maximum(total, jnp.asarray(1e-12, dtype))
     return (w / total)[:, None, None] * jnp.asarray(problem.pixel_weights, dtype)[None, :, None]
 
 
-def loss(params, batch: Particles, problem: Problem):
-    """The objective on a minibatch (scalar). params: (N, N, N//2+1, 2) real pairs."""
+def loss(params, batch: Particles, problem: Problem, *, weight_total=None):
+    """The objective on a minibatch (scalar). params: (N, N, N//2+1, 2) real pairs.
+
+    ``weight_total``: normalise by this instead of sum(batch.weight) (see :func:`_scale`).
+    """
     r = forward(params, batch, problem) - batch.data
-    data_term = jnp.sum(_scale(batch, problem, params.dtype) * r * r)
+    data_term = jnp.sum(_scale(batch, problem, params.dtype, weight_total) * r * r)
     return data_term + problem.lam * jnp.sum(params * params)
 
 
@@ -92,19 +100,21 @@ def per_image_loss(params, batch: Particles, problem: Problem):
     return jnp.sum(pw[None, :, None] * r * r, axis=(1, 2))
 
 
-def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None):
+def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None, *, weight_total=None):
     """Loss, gradient and Hessian-vector products in one forward and one adjoint pass.
 
     Args:
       params: (N, N, H, 2) pairs.
       probes: optional (k, N, N, H, 2) directions z_j.
+      weight_total: normalise by this instead of sum(batch.weight) (one device's share of a
+        minibatch; see :mod:`jaxcryo.distributed`).
     Returns:
       (loss, grad, hvps) with hvps of shape (k, N, N, H, 2) (None without probes).
     """
     k = 0 if probes is None else probes.shape[0]
     volume = _stack_channels(params, probes)
     model, vjp = jax.vjp(lambda v: forward(v, batch, problem), volume)
-    scale = _scale(batch, problem, params.dtype)
+    scale = _scale(batch, problem, params.dtype, weight_total)
     resid = model[..., :2] - batch.data
     value = jnp.sum(scale * resid * resid) + problem.lam * jnp.sum(params * params)
     cot = 2.0 * scale * jnp.concatenate([resid, model[..., 2:]], axis=-1)

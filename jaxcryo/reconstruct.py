@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxcryo import distributed as dist
 from jaxcryo.curvature import exact_diagonal, rademacher
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
@@ -92,52 +93,76 @@ def _split_halves(key, n: int, halves: bool):
     return out
 
 
+def half_sets(n: int, *, halves: bool = True, seed: int = 0) -> np.ndarray:
+    """(G, m) particle indices of each half-set (-1 pads), as :func:`reconstruct` draws them."""
+    split_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+    return _split_halves(split_key, n, halves)
+
+
 def _stack_groups(particles: Particles, groups):
     """Stack the half-sets along a new leading axis (padding rows get weight 0)."""
     parts = [subset(particles, jnp.asarray(g)) for g in groups]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
 
 
-def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool):
+def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
+               axis_name: str | None = None, n_rows: int | None = None, n_devices: int = 1):
     """The epoch function for one half-set: (params, opt_state, key, particles[, diag]) ->
-    (params, opt_state, batch losses). Pure; the caller vmaps and jits it."""
+    (params, opt_state, batch losses). Pure; the caller vmaps and jits it.
+
+    With ``axis_name`` it runs inside ``shard_map`` (see :mod:`jaxcryo.distributed`):
+    ``particles`` is this device's block of rows, ``n_rows`` the half-set's row count before
+    device padding and ``n_devices`` the mesh size. The minibatches are the same rows as on one
+    device; each device computes on an equal slice of each and the sums are psum-ed.
+    """
+
+    def terms(params, particles, index, probes):
+        if axis_name is None:
+            batch = subset(particles, index)
+            value, grad, hvps = value_grad_hvp(params, batch, problem, probes)
+            return value, grad, hvps, lambda p: loss(p, batch, problem)
+        batch = dist.gather_batch(particles, index, axis_name)
+        return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name)
 
     def step(carry, index, particles, diag):
         params, opt_state, key = carry
-        batch = subset(particles, index)
         key, probe_key = jax.random.split(key)
         extra = {}
+        probes = rademacher(probe_key, params, n_probes) if (n_probes and not exact) else None
+        value, grad, hvps, value_fn = terms(params, particles, index, probes)
         if exact:
-            value, grad, _ = value_grad_hvp(params, batch, problem)
             extra["diag_sample"] = diag
-        elif n_probes:
-            probes = rademacher(probe_key, params, n_probes)
-            value, grad, hvps = value_grad_hvp(params, batch, problem, probes)
+        elif probes is not None:
             extra["diag_sample"] = jnp.mean(probes * hvps, axis=0)
-        else:
-            value, grad, _ = value_grad_hvp(params, batch, problem)
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
-                                       value_fn=lambda p: loss(p, batch, problem), **extra)
+                                       value_fn=value_fn, **extra)
         return (optax.apply_updates(params, updates), opt_state, key), value
 
     def epoch(params, opt_state, key, particles, diag=None):
-        n = particles.weight.shape[0]
+        n = particles.weight.shape[0] if n_rows is None else n_rows
         n_batches = -(-n // batch_size)
         key, perm_key = jax.random.split(key)
         order = jax.random.permutation(perm_key, n)
         order = jnp.pad(order, (0, n_batches * batch_size - n), constant_values=-1)
+        order = order.reshape(n_batches, batch_size)
+        if n_devices > 1:  # equal slices per device: pad each batch with zero-weight rows
+            order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
         (params, opt_state, key), values = jax.lax.scan(
-            lambda c, i: step(c, i, particles, diag), (params, opt_state, key),
-            order.reshape(n_batches, batch_size))
+            lambda c, i: step(c, i, particles, diag), (params, opt_state, key), order)
         return params, opt_state, key, values
 
     return epoch
 
 
-def make_full_loss(problem: Problem, batch_size: int):
-    """Full-data objective of one half-set (a scan over fixed batches; same for every method)."""
+def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = None):
+    """Full-data objective of one half-set (a scan over fixed batches; same for every method).
+
+    With ``axis_name`` (inside shard_map) ``particles`` is this device's block of rows.
+    """
 
     def full_loss(params, particles):
+        if axis_name is not None:
+            return dist.local_full_loss(params, particles, problem, batch_size, axis_name)
         n = particles.weight.shape[0]
         n_batches = -(-n // batch_size)
         index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1)
@@ -159,7 +184,9 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 alpha: float | None = None, learning_rate: float | None = None,
                 initial_step: float = 10.0, c: float = 0.99, init_volume_ft=None,
                 resume: ReconState | None = None,
-                callback: Callable[[ReconState], Any] | None = None) -> Reconstruction:
+                callback: Callable[[ReconState], Any] | None = None,
+                devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
+                ) -> Reconstruction:
     """Reconstruct a map from particles with known poses.
 
     Args:
@@ -178,16 +205,32 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
       init_volume_ft: optional starting Fourier pairs (N, N, N//2+1, 2); zeros otherwise.
       resume: a ReconState from an earlier run (e.g. a checkpoint) to continue from.
       callback: called with the ReconState after every epoch.
+      devices: how many local devices to spread the particles over (default: all of this
+        process's devices; 1 runs the plain single-device path). Results are the same for
+        every count, up to float rounding (see :mod:`jaxcryo.distributed`).
+      mesh: a ``jax.sharding.Mesh`` from :func:`jaxcryo.distributed.make_mesh` instead of
+        ``devices`` (needed for several processes; made automatically when there are).
+      share: for several processes, the :class:`~jaxcryo.distributed.HostShare` whose rows
+        ``particles`` holds (from :func:`jaxcryo.distributed.host_share`); None when every
+        process passes the full set.
     """
     grid = FourierGrid(box, r_max)
     problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
     dtype = particles.data.dtype
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
-    n = particles.weight.shape[0]
+    if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
+        mesh = dist.make_mesh(devices)
+    if mesh is not None and jax.process_count() == 1 and dist.n_devices(mesh) == 1:
+        mesh = None  # one device: the plain path, no collectives
+    n = particles.weight.shape[0] if share is None else share.n_total
     groups = _split_halves(split_key, n, halves)
     g = groups.shape[0]
-    stacked = _stack_groups(particles, groups)
+    if mesh is None:
+        stacked = _stack_groups(particles, groups)
+    else:
+        stacked = dist.shard_groups(particles, groups, mesh, share)
+        rows = dist.P(None, dist.AXIS)
     batch_size = int(min(batch_size, groups.shape[1]))
 
     if isinstance(method, str):
@@ -199,8 +242,11 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         tx, exact, probes = optax.with_extra_args_support(method), False, n_probes
 
     diag = None
-    if exact:
+    if exact and mesh is None:
         diag = jax.jit(jax.vmap(lambda p: exact_diagonal(p, problem, batch_size, dtype)))(stacked)
+    elif exact:
+        diag = jax.jit(dist.shard(jax.vmap(lambda p: dist.sharded_exact_diagonal(p, problem, batch_size, dtype)),
+                                  mesh, in_specs=rows, out_specs=dist.P()))(stacked)
 
     if resume is None:
         init = problem.zeros(dtype) if init_volume_ft is None else jnp.asarray(init_volume_ft, dtype)
@@ -211,9 +257,20 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     else:
         state = resume
 
-    epoch_fn = jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact))
+    if mesh is None:
+        epoch_fn = jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact))
+        full_loss_fn = jax.vmap(make_full_loss(problem, batch_size))
+    else:  # volume, optimizer state and keys replicated; particle rows sharded
+        state = state._replace(params=dist.replicate(state.params, mesh),
+                               opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
+        epoch_fn = dist.shard(
+            jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact,
+                                axis_name=dist.AXIS, n_rows=groups.shape[1], n_devices=dist.n_devices(mesh))),
+            mesh, in_specs=(dist.P(), dist.P(), dist.P(), rows, dist.P()), out_specs=dist.P())
+        full_loss_fn = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
+                                  in_specs=(dist.P(), rows), out_specs=dist.P())
     epoch_jit = jax.jit(epoch_fn, donate_argnums=(0, 1))
-    full_loss = jax.jit(jax.vmap(make_full_loss(problem, batch_size)))
+    full_loss = jax.jit(full_loss_fn)
 
     t0 = time.perf_counter()
     compiled = epoch_jit.lower(state.params, state.opt_state, state.key, stacked, diag).compile()
@@ -233,8 +290,11 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         history["seconds"].append(elapsed)
         state = ReconState(epoch, params, opt_state, keys, history)
         if callback is not None:
-            callback(state)
+            callback(state if mesh is None else dist.to_local(state))
     state = ReconState(state.epoch, params, opt_state, keys, history)
+    if mesh is not None:
+        state = dist.to_local(state)
+        params = state.params
 
     maps = np.asarray(jax.vmap(ft_to_volume)(params))
     if halves:
