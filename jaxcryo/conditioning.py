@@ -369,13 +369,14 @@ def conditioning_report(particles: Particles, box: int, *, interpolation: str = 
     return out
 
 
-def plot_reports(reports: dict, path: str, title: str = "") -> None:
-    """Plot kappa(R) of each named report with the bound, and the per-shell spreads (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_reports(reports: dict, path: str | None = None, title: str = ""):
+    """Plot kappa(R) of each named report with the bound, a cross-section of diag(H) and the
+    per-shell spreads; save a PNG at ``path`` if given. Returns the matplotlib Figure (built
+    without pyplot, so it works headless and leaves a notebook's backend alone)."""
+    from matplotlib.figure import Figure
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = Figure(figsize=(15, 4.2))
+    axes = fig.subplots(1, 3)
     first = next(iter(reports.values()))
     r = np.asarray(first["radius"])
     for name, rep in reports.items():
@@ -401,8 +402,9 @@ def plot_reports(reports: dict, path: str, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    if path:
+        fig.savefig(path, dpi=90)
+    return fig
 
 
 # --------------------------------------------------------------------------- command line
