@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from jaxcryo.conditioning import relative_error_by_probes  # noqa: E402
 from jaxcryo.curvature import exact_diagonal  # noqa: E402
-from jaxcryo.forward import FourierGrid, prepare_particles, volume_to_ft  # noqa: E402
+from jaxcryo.forward import FourierGrid, prepare_particles  # noqa: E402
 from jaxcryo.fsc import fsc_ft  # noqa: E402
 from jaxcryo.geometry import default_alpha  # noqa: E402
 from jaxcryo.loss import Problem  # noqa: E402

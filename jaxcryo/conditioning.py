@@ -33,7 +33,7 @@ from jaxcryo.curvature import exact_diagonal, radial_profile, rademacher
 from jaxcryo.forward.ctf import CTFParams, make_ctf_params
 from jaxcryo.forward.model import Particles
 from jaxcryo.forward.slicing import FourierGrid
-from jaxcryo.geometry import euler_to_matrix, random_rotations, shell_index, volume_freqs
+from jaxcryo.geometry import euler_to_matrix, random_rotations, shell_index
 from jaxcryo.loss import Problem, subset, value_grad_hvp
 
 # --------------------------------------------------------------------------- the bound
