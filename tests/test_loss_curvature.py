@@ -40,7 +40,7 @@ def test_check_grads_forward_and_loss_wrt_volume(rng, interpolation):
         problem = make_problem(6, interpolation, lam=0.1, shell_weights=SHELLS)
         batch = make_particles(rng, problem, 2, dtype=np.float64)
         params = random_pairs(rng, problem.grid.volume_shape + (2,), np.float64)
-        check_grads(jax.jit(lambda v: forward(v, batch, problem)), (params,), order=2, modes=("fwd", "rev"))
+        check_grads(jax.jit(lambda v: forward(v, batch, problem)), (params,), order=1, modes=("fwd", "rev"))
         check_grads(jax.jit(lambda v: loss(v, batch, problem)), (params,), order=2, modes=("fwd", "rev"))
 
 
