@@ -177,6 +177,27 @@ def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = No
     return full_loss
 
 
+def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
+                    mesh=None, n_rows: int | None = None):
+    """(epoch, full_loss) over all half-sets (leading axis G), not yet jitted.
+
+    epoch(params, opt_state, keys, stacked[, diag]) and full_loss(params, stacked) take
+    ``stacked`` from ``_stack_groups`` (mesh None) or :func:`jaxcryo.distributed.shard_groups`
+    (a mesh: rows sharded, ``n_rows`` the half-sets' length before device padding; params,
+    optimizer state and keys replicated, e.g. by :func:`jaxcryo.distributed.replicate`).
+    """
+    if mesh is None:
+        return (jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact)),
+                jax.vmap(make_full_loss(problem, batch_size)))
+    rows, rep = dist.P(None, dist.AXIS), dist.P()
+    epoch = dist.shard(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
+                                           axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh))),
+                       mesh, in_specs=(rep, rep, rep, rows, rep), out_specs=rep)
+    full_loss = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
+                           in_specs=(rep, rows), out_specs=rep)
+    return epoch, full_loss
+
+
 def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
                 epochs: int = 10, batch_size: int = 256, lam: float = 1e-4, r_max: int | None = None,
@@ -257,18 +278,11 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     else:
         state = resume
 
-    if mesh is None:
-        epoch_fn = jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact))
-        full_loss_fn = jax.vmap(make_full_loss(problem, batch_size))
-    else:  # volume, optimizer state and keys replicated; particle rows sharded
+    if mesh is not None:  # volume, optimizer state and keys replicated; particle rows sharded
         state = state._replace(params=dist.replicate(state.params, mesh),
                                opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
-        epoch_fn = dist.shard(
-            jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact,
-                                axis_name=dist.AXIS, n_rows=groups.shape[1], n_devices=dist.n_devices(mesh))),
-            mesh, in_specs=(dist.P(), dist.P(), dist.P(), rows, dist.P()), out_specs=dist.P())
-        full_loss_fn = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
-                                  in_specs=(dist.P(), rows), out_specs=dist.P())
+    epoch_fn, full_loss_fn = group_functions(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact,
+                                             mesh=mesh, n_rows=groups.shape[1])
     epoch_jit = jax.jit(epoch_fn, donate_argnums=(0, 1))
     full_loss = jax.jit(full_loss_fn)
 
