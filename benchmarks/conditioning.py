@@ -12,6 +12,7 @@ For each: kappa(R) over the ball, the bound (N + lam)/(N p + lam), the per-shell
 diag(H), and of diag(P H) for the exact and the Hutchinson preconditioner.
 
     python benchmarks/conditioning.py --size small     # box 32, CPU, about a minute
+    python benchmarks/conditioning.py --size medium    # box 64, CPU, a few minutes
     python benchmarks/conditioning.py --size full      # box 64 and 128 (GPU advised)
 
 Writes benchmarks/results/conditioning_<size>.{json,png,md}.
@@ -37,6 +38,7 @@ from jaxcryo.geometry import euler_to_matrix  # noqa: E402
 SIZES = {
     # box: (n_images, hutchinson probes)
     "small": {32: (10000, 16)},
+    "medium": {64: (20000, 4)},
     "full": {64: (50000, 32), 128: (50000, 16)},
 }
 
