@@ -275,7 +275,7 @@ def _project(args) -> int:
         _note(args, f"{args.star} has no CTF columns; projecting without CTF")
     interpolation = args.interpolation if args.interpolation != "auto" else _default_interpolation()
     grid = FourierGrid(box, box // 2 if interpolation == "nufft" else None)
-    vft = volume_to_ft(jnp.asarray(volume))
+    vft = volume_to_ft(jnp.asarray(volume), interpolation)
     draw = jax.jit(lambda r, s, c: render(vft, r, s, c, grid, interpolation))
     n = len(table)
     images = np.empty((n, box, box), np.float32)
@@ -453,7 +453,8 @@ def _reconstruct(args) -> int:
             epochs_bar.set_postfix_str("compiling")
             rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
                                  interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
-                                 lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch)
+                                 lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch,
+                                 devices=args.devices)
             del particles
         epochs_bar.close()
 
@@ -554,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
     rec.add_argument("--method", choices=METHODS, default="psgd",
                      help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "
-                          "sgd, adam; all but adam use an Armijo line search (c 0.99, initial step 10)")
+                          "sgd, adam; all but adam use an Armijo line search (c 0.9, initial step 10) and end each "
+                          "epoch at the mean of its iterates")
     rec.add_argument("--epochs", type=pos_int, default=3, metavar="E",
                      help="passes over the data (see README: 3 matched 10 in FSC to the truth)")
     rec.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
@@ -562,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Fourier slicing (nufft runs on CPU only)")
     rec.add_argument("--lam", type=float, default=1e-4, metavar="L", help="Tikhonov weight on ||v||^2")
     rec.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (half-sets, shuffles, probes)")
+    rec.add_argument("--devices", type=pos_int, default=None, metavar="N",
+                     help="spread the particles over N local devices (GPUs; default: all of them)")
     rec.add_argument("--no-halves", action="store_true",
                      help="one reconstruction from all particles (no half-maps, no FSC)")
     rec.add_argument("--resume", action="store_true",

@@ -143,7 +143,7 @@ def make_full_hvp(particles: Particles, problem: Problem, batch_size: int = 256)
     index = index.reshape(n_batches, batch_size)
     total_w = jnp.maximum(jnp.sum(particles.weight), 1e-12)
     meta = particles._replace(data=jnp.zeros((n, 0, 2), particles.rotations.dtype))
-    p0 = problem._replace_lam0()
+    p0 = problem.data_only()
 
     def hvps(z):
         zero = jnp.zeros(z.shape[1:], z.dtype)
@@ -155,7 +155,7 @@ def make_full_hvp(particles: Particles, problem: Problem, batch_size: int = 256)
             return acc + (jnp.sum(b.weight) / total_w) * hz, None
 
         acc, _ = jax.lax.scan(body, jnp.zeros_like(z), index)
-        return acc + 2.0 * problem.lam * z
+        return acc + 2.0 * problem.regularizer(z.dtype) * z
 
     return hvps
 

@@ -62,7 +62,7 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
 
     per_image = 2.0 * scale * c2
     total = jax.lax.map(lambda a: one(*a), (batch.rotations, per_image))
-    return total.sum(0) + 2.0 * problem.lam
+    return total.sum(0) + 2.0 * problem.regularizer(dtype)
 
 
 def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256, dtype=jnp.float32):
@@ -75,12 +75,12 @@ def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256
     def body(acc, idx):
         b = subset(particles, idx)
         frac = jnp.sum(b.weight) / total_w
-        d = batch_exact_diagonal(b, problem, dtype) - 2.0 * problem.lam
+        d = batch_exact_diagonal(b, problem.data_only(), dtype)
         return acc + frac * d, None
 
     acc, _ = jax.lax.scan(body, jnp.zeros(problem.grid.volume_shape + (2,), dtype),
                           index.reshape(n_batches, batch_size))
-    return acc + 2.0 * problem.lam
+    return acc + 2.0 * problem.regularizer(dtype)
 
 
 def power_iteration(hvp_fn, key, like, iters: int = 30):

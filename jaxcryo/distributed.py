@@ -268,18 +268,18 @@ def value_grad_hvp_psum(params, batch: Particles, problem: Problem, probes=None,
     (replicated), and the minibatch loss as a function of the parameters (for line searches).
     """
     weight_total = jax.lax.psum(jnp.sum(batch.weight.astype(params.dtype)), axis_name)
-    data = problem._replace_lam0()
+    data = problem.data_only()
     value, grad, hvps = value_grad_hvp(params, batch, data, probes, weight_total=weight_total)
     value, grad, hvps = jax.lax.psum((value, grad, hvps), axis_name)
-    lam = problem.lam
-    value = value + lam * jnp.sum(params * params)
+    lam = problem.regularizer(params.dtype)
+    value = value + jnp.sum(lam * params * params)
     grad = grad + 2.0 * lam * params
     if hvps is not None:
         hvps = hvps + 2.0 * lam * probes
 
     def value_fn(p):
         part = loss(p, batch, data, weight_total=weight_total)
-        return jax.lax.psum(part, axis_name) + lam * jnp.sum(p * p)
+        return jax.lax.psum(part, axis_name) + jnp.sum(lam * p * p)
 
     return value, grad, hvps, value_fn
 
@@ -297,16 +297,16 @@ def local_full_loss(params, local: Particles, problem: Problem, batch_size: int,
 
     part, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, size))
     total, weight = jax.lax.psum((part, jnp.sum(local.weight.astype(params.dtype))), axis_name)
-    return total / jnp.maximum(weight, 1e-12) + problem.lam * jnp.sum(params * params)
+    return total / jnp.maximum(weight, 1e-12) + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
 
 def sharded_exact_diagonal(local: Particles, problem: Problem, batch_size: int, dtype,
                            axis_name: str = AXIS):
     """Exact full-data diag(H) from this device's rows (inside shard_map)."""
     w_local = jnp.sum(local.weight.astype(dtype))
-    part = exact_diagonal(local, problem._replace_lam0(), int(min(batch_size, local.weight.shape[0])), dtype)
+    part = exact_diagonal(local, problem.data_only(), int(min(batch_size, local.weight.shape[0])), dtype)
     num, w = jax.lax.psum((w_local * part, w_local), axis_name)
-    return num / jnp.maximum(w, 1e-12) + 2.0 * problem.lam
+    return num / jnp.maximum(w, 1e-12) + 2.0 * problem.regularizer(dtype)
 
 
 def shard(fn, mesh: Mesh, in_specs, out_specs):

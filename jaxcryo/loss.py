@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch, slices
 from jaxcryo.forward.slicing import INTERPOLATIONS, FourierGrid
+from jaxcryo.geometry import volume_radius
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,15 @@ class Problem:
       interpolation: 'nearest', 'trilinear' or 'nufft'.
       lam: Tikhonov weight on ||v||^2.
       shell_weights: optional 1/sigma^2 per Fourier shell (index round(|k|)), a tuple.
+      shell_lam: optional extra Tikhonov weight per Fourier shell of the volume (a tuple,
+        index round(|k|)): a Wiener-style prior, e.g. from :func:`wiener_shell_lam`.
     """
 
     grid: FourierGrid
     interpolation: str = "trilinear"
     lam: float = 0.0
     shell_weights: tuple | None = None
+    shell_lam: tuple | None = None
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -50,8 +54,19 @@ class Problem:
             w = w * np.asarray(self.shell_weights, np.float64)[np.minimum(shells, len(self.shell_weights) - 1)]
         return w
 
-    def _replace_lam0(self) -> "Problem":
-        return dataclasses.replace(self, lam=0.0)
+    def data_only(self) -> "Problem":
+        """The same problem without the Tikhonov term."""
+        return dataclasses.replace(self, lam=0.0, shell_lam=None)
+
+    def regularizer(self, dtype=jnp.float32):
+        """The Tikhonov weight per parameter: lam, plus shell_lam[round(|k|)] when given
+        (a scalar, or an (N, N, N//2+1, 1) array that broadcasts over (re, im))."""
+        if self.shell_lam is None:
+            return jnp.asarray(self.lam, dtype)
+        shells = np.rint(volume_radius(self.grid.box)).astype(int)
+        per_shell = np.asarray(self.shell_lam, np.float64)
+        lam = self.lam + per_shell[np.minimum(shells, len(per_shell) - 1)]
+        return jnp.asarray(lam[..., None], dtype)
 
     def zeros(self, dtype=jnp.float32):
         """A zero volume in this problem's parametrisation, (N, N, N//2+1, 2)."""
@@ -90,7 +105,7 @@ def loss(params, batch: Particles, problem: Problem, *, weight_total=None):
     """
     r = forward(params, batch, problem) - batch.data
     data_term = jnp.sum(_scale(batch, problem, params.dtype, weight_total) * r * r)
-    return data_term + problem.lam * jnp.sum(params * params)
+    return data_term + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
 
 def per_image_loss(params, batch: Particles, problem: Problem):
@@ -116,13 +131,14 @@ def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None, *, w
     model, vjp = jax.vjp(lambda v: forward(v, batch, problem), volume)
     scale = _scale(batch, problem, params.dtype, weight_total)
     resid = model[..., :2] - batch.data
-    value = jnp.sum(scale * resid * resid) + problem.lam * jnp.sum(params * params)
+    lam = problem.regularizer(params.dtype)
+    value = jnp.sum(scale * resid * resid) + jnp.sum(lam * params * params)
     cot = 2.0 * scale * jnp.concatenate([resid, model[..., 2:]], axis=-1)
     (back,) = vjp(cot)
-    grad = back[..., :2] + 2.0 * problem.lam * params
+    grad = back[..., :2] + 2.0 * lam * params
     if k == 0:
         return value, grad, None
-    hvps = jnp.stack([back[..., 2 + 2 * j: 4 + 2 * j] for j in range(k)]) + 2.0 * problem.lam * probes
+    hvps = jnp.stack([back[..., 2 + 2 * j: 4 + 2 * j] for j in range(k)]) + 2.0 * lam * probes
     return value, grad, hvps
 
 

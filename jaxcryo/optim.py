@@ -41,7 +41,7 @@ class ScaleByHutchinsonState(NamedTuple):
 
 
 def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int = 1,
-                        update_every: int = 1, average: str = "mean", seed: int = 0,
+                        update_every: int = 1, average: str = "mean", warmup: int = 0, seed: int = 0,
                         ) -> optax.GradientTransformationExtraArgs:
     """Scale updates by the inverse of a Hutchinson estimate of the Hessian diagonal.
 
@@ -58,6 +58,8 @@ def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int
       n_probes: Rademacher probes per refresh step.
       update_every: refresh the estimate every k steps (k = 1: every step).
       average: 'mean' (Algorithm 1) or 'ema' (OASIS).
+      warmup: the first ``warmup`` steps only gather samples and return zero updates, so that
+        the first real step uses an average of several samples rather than one noisy one.
       seed: PRNG seed for the probes.
     """
     if average not in ("mean", "ema"):
@@ -86,7 +88,9 @@ def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int
 
     def fold(state, s):
         n = state.n_samples + 1
-        first = state.n_samples == 0
+        # Until the first real step D is the plain mean of the samples so far (no blend):
+        # blending from one noisy sample would keep that sample's noise for ~1/(1-beta) steps.
+        first = state.n_samples < max(warmup, 1)
         mean = jax.tree.map(lambda m, x: m + (x - m) / n.astype(x.dtype), state.mean, s)
         target = mean if average == "mean" else s
         diag = jax.tree.map(lambda d, t: jnp.where(first, t, beta * d + (1 - beta) * t), state.diag, target)
@@ -102,7 +106,8 @@ def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int
         else:
             state = jax.lax.cond(refresh, lambda st: fold(st, sample(st, params, hvp_fn, loss_fn)),
                                  lambda st: st, state)
-        updates = jax.tree.map(lambda g, d: g / jnp.maximum(jnp.abs(d), alpha).astype(g.dtype),
+        live = (state.count >= warmup).astype(jnp.result_type(*jax.tree.leaves(updates)))
+        updates = jax.tree.map(lambda g, d: live * g / jnp.maximum(jnp.abs(d), alpha).astype(g.dtype),
                                updates, state.diag)
         return updates, state._replace(count=state.count + 1)
 

@@ -272,7 +272,7 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
 
     ``progress(k)`` is called with the images done after each chunk of the training pass.
     """
-    from jaxcryo.fsc import fsc_ft, resolution
+    from jaxcryo.fsc import fsc, resolution
     from jaxcryo.forward.model import ft_to_volume
     from jaxcryo.loss import Problem
     from jaxcryo.reconstruct import Reconstruction, make_epoch, make_full_loss, make_optimizer, _split_halves
@@ -298,7 +298,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                            {"epoch": [], "loss": [], "seconds": []})
     else:
         state = resume
-    epoch_fn = jax.jit(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False)),
+    epoch_fn = jax.jit(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
+                                           average=True)),
                        donate_argnums=(0, 1))
     full_loss = jax.jit(jax.vmap(make_full_loss(problem, batch_size)))
     prepare = _prepare_fn(grid)
@@ -346,9 +347,9 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         if callback is not None:
             callback(state)
     state = ReconState(state.epoch, params, opt_state, keys, history)
-    maps = np.asarray(jax.vmap(ft_to_volume)(params))
+    maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
     if halves:
-        curve = fsc_ft(params[0], params[1])
+        curve = fsc(maps[0], maps[1])
         return Reconstruction(maps.mean(0), maps, params, curve, resolution(curve, pixel_size_angstrom), history,
                               state)
     return Reconstruction(maps[0], None, params, None, None, history, state)

@@ -8,6 +8,7 @@ array axis, so it can be sharded across devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -20,7 +21,8 @@ from jaxcryo import distributed as dist
 from jaxcryo.curvature import exact_diagonal, rademacher
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
-from jaxcryo.fsc import fsc_ft, resolution
+from jaxcryo.fsc import fsc, fsc_ft, resolution
+from jaxcryo.curvature import radial_profile
 from jaxcryo.geometry import default_alpha
 from jaxcryo.loss import Problem, loss, per_image_loss, subset, value_grad_hvp
 from jaxcryo.optim import armijo, scale_by_hutchinson
@@ -59,7 +61,7 @@ class Reconstruction(NamedTuple):
 
 def make_optimizer(method: str, *, box: int, r_max: int | None = None, beta: float = 0.9,
                    alpha: float | None = None, n_probes: int = 1, initial_step: float = 10.0,
-                   c: float = 0.99, learning_rate: float | None = None, seed: int = 0):
+                   c: float = 0.9, learning_rate: float | None = None, warmup: int = 0, seed: int = 0):
     """The optax transform behind each named method (all but adam use an Armijo search).
 
     psgd: Hutchinson diagonal (Algorithm 1); psgd-exact: the same transform fed the exact
@@ -77,7 +79,8 @@ def make_optimizer(method: str, *, box: int, r_max: int | None = None, beta: flo
     if method in ("psgd", "psgd-exact"):
         alpha = default_alpha(box, r_max) if alpha is None else alpha
         steps.insert(0, scale_by_hutchinson(beta=beta if method == "psgd" else 0.0, alpha=alpha,
-                                            n_probes=n_probes, seed=seed))
+                                            n_probes=n_probes, warmup=warmup if method == "psgd" else 0,
+                                            seed=seed))
     return optax.chain(*steps)
 
 
@@ -106,7 +109,8 @@ def _stack_groups(particles: Particles, groups):
 
 
 def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
-               axis_name: str | None = None, n_rows: int | None = None, n_devices: int = 1):
+               axis_name: str | None = None, n_rows: int | None = None, n_devices: int = 1,
+               average: bool = False):
     """The epoch function for one half-set: (params, opt_state, key, particles[, diag]) ->
     (params, opt_state, batch losses). Pure; the caller vmaps and jits it.
 
@@ -114,6 +118,9 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
     ``particles`` is this device's block of rows, ``n_rows`` the half-set's row count before
     device padding and ``n_devices`` the mesh size. The minibatches are the same rows as on one
     device; each device computes on an equal slice of each and the sums are psum-ed.
+
+    With ``average`` the epoch ends at the mean of its iterates (Polyak-Ruppert averaging,
+    restarted every epoch): it removes most of the minibatch noise that a constant step leaves.
     """
 
     def terms(params, particles, index, probes):
@@ -125,7 +132,7 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name)
 
     def step(carry, index, particles, diag):
-        params, opt_state, key = carry
+        (params, opt_state, key), (mean, count) = carry
         key, probe_key = jax.random.split(key)
         extra = {}
         probes = rademacher(probe_key, params, n_probes) if (n_probes and not exact) else None
@@ -136,7 +143,10 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
             extra["diag_sample"] = jnp.mean(probes * hvps, axis=0)
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
                                        value_fn=value_fn, **extra)
-        return (optax.apply_updates(params, updates), opt_state, key), value
+        params = optax.apply_updates(params, updates)
+        count = count + 1
+        mean = mean + (params - mean) / count.astype(params.dtype) if average else mean
+        return ((params, opt_state, key), (mean, count)), value
 
     def epoch(params, opt_state, key, particles, diag=None):
         n = particles.weight.shape[0] if n_rows is None else n_rows
@@ -147,9 +157,11 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         order = order.reshape(n_batches, batch_size)
         if n_devices > 1:  # equal slices per device: pad each batch with zero-weight rows
             order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
-        (params, opt_state, key), values = jax.lax.scan(
-            lambda c, i: step(c, i, particles, diag), (params, opt_state, key), order)
-        return params, opt_state, key, values
+        mean = jnp.zeros_like(params) if average else jnp.zeros((), params.dtype)
+        ((params, opt_state, key), (mean, _)), values = jax.lax.scan(
+            lambda c, i: step(c, i, particles, diag), ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
+            order)
+        return (mean if average else params), opt_state, key, values
 
     return epoch
 
@@ -172,13 +184,13 @@ def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = No
             return acc + jnp.sum(b.weight * per_image_loss(params, b, problem)), None
 
         total, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, batch_size))
-        return total / jnp.maximum(jnp.sum(particles.weight), 1e-12) + problem.lam * jnp.sum(params * params)
+        return total / jnp.maximum(jnp.sum(particles.weight), 1e-12) + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
     return full_loss
 
 
 def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
-                    mesh=None, n_rows: int | None = None):
+                    mesh=None, n_rows: int | None = None, average: bool = False):
     """(epoch, full_loss) over all half-sets (leading axis G), not yet jitted.
 
     epoch(params, opt_state, keys, stacked[, diag]) and full_loss(params, stacked) take
@@ -187,15 +199,38 @@ def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exa
     optimizer state and keys replicated, e.g. by :func:`jaxcryo.distributed.replicate`).
     """
     if mesh is None:
-        return (jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact)),
+        return (jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
+                                    average=average)),
                 jax.vmap(make_full_loss(problem, batch_size)))
     rows, rep = dist.P(None, dist.AXIS), dist.P()
     epoch = dist.shard(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                           axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh))),
+                                           axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh),
+                                           average=average)),
                        mesh, in_specs=(rep, rep, rep, rows, rep), out_specs=rep)
     full_loss = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
                            in_specs=(rep, rows), out_specs=rep)
     return epoch, full_loss
+
+
+def wiener_shell_lam(fsc_curve, diag, box: int, *, r_max: int | None = None, fudge: float = 1.0):
+    """Per-shell Tikhonov weights of a Wiener filter from a half-map FSC.
+
+    For one half-set the data curvature of voxel k is diag(H)_k = 2 sum_i m c_i^2 / n; its
+    estimate has SNR_half = FSC / (1 - FSC), so the Wiener (MAP) weight is
+    lam_k = (diag(H)_k / 2) / SNR_half. Returned per shell index 0 .. len(fsc)-1 from the
+    shell means of ``diag`` ((G, N, N, H, 2) or (N, N, H, 2); half-sets averaged); ``fudge``
+    scales the SNR as RELION's tau2_fudge does.
+    """
+    d = np.asarray(diag)
+    d = d.mean(0) if d.ndim == 5 else d
+    mean_diag = radial_profile(d, box, "mean")[: len(fsc_curve)]
+    f = np.clip(np.asarray(fsc_curve, np.float64), 1e-3, 0.999)
+    snr = fudge * f / (1.0 - f)
+    lam = 0.5 * np.nan_to_num(mean_diag) / snr
+    r_max = box // 2 - 1 if r_max is None else r_max
+    lam[r_max + 1:] = lam[min(r_max, len(lam) - 1)]
+    lam[0] = 0.0  # never damp the mean density
+    return lam
 
 
 def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
@@ -203,7 +238,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 epochs: int = 10, batch_size: int = 256, lam: float = 1e-4, r_max: int | None = None,
                 halves: bool = True, seed: int = 0, n_probes: int = 1, beta: float = 0.9,
                 alpha: float | None = None, learning_rate: float | None = None,
-                initial_step: float = 10.0, c: float = 0.99, init_volume_ft=None,
+                initial_step: float = 10.0, c: float = 0.9, average: bool = True, warmup: int = 8,
+                wiener_after: int = 0, init_volume_ft=None,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
@@ -221,8 +257,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
       lam: Tikhonov weight. r_max: Fourier radius used (default N//2 - 1).
       halves: reconstruct two random half-sets independently (gold standard), report their
         FSC and resolution, and return their mean as the map.
-      n_probes, beta, alpha, learning_rate, initial_step, c: optimizer settings (see
-        :func:`make_optimizer`).
+      n_probes, beta, alpha, learning_rate, initial_step, c, warmup: optimizer settings (see
+        :func:`make_optimizer`); ``warmup`` steps only gather curvature samples (psgd).
+      average: end every epoch at the mean of its iterates (see :func:`make_epoch`).
+      wiener_after: with halves, after this many epochs (0: never) estimate each shell's SNR
+        from the half-maps' FSC and add the Wiener prior :func:`wiener_shell_lam` to the
+        objective for the remaining epochs (as RELION's refinement regularises, from the
+        gold-standard FSC). The loss history then changes objective at that epoch.
       init_volume_ft: optional starting Fourier pairs (N, N, N//2+1, 2); zeros otherwise.
       resume: a ReconState from an earlier run (e.g. a checkpoint) to continue from.
       callback: called with the ReconState after every epoch.
@@ -254,19 +295,24 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         rows = dist.P(None, dist.AXIS)
     batch_size = int(min(batch_size, groups.shape[1]))
 
+    # Warm-up steps (curvature samples only) take at most a quarter of the first epoch.
+    warmup = int(min(warmup, (-(-groups.shape[1] // batch_size)) // 4))
     if isinstance(method, str):
         tx = make_optimizer(method, box=box, r_max=grid.radius, beta=beta, alpha=alpha, n_probes=n_probes,
-                            initial_step=initial_step, c=c, learning_rate=learning_rate, seed=seed)
+                            initial_step=initial_step, c=c, learning_rate=learning_rate, warmup=warmup,
+                            seed=seed)
         exact = method == "psgd-exact"
         probes = n_probes if method == "psgd" else 0
     else:
         tx, exact, probes = optax.with_extra_args_support(method), False, n_probes
 
-    diag = None
-    if exact and mesh is None:
-        diag = jax.jit(jax.vmap(lambda p: exact_diagonal(p, problem, batch_size, dtype)))(stacked)
-    elif exact:
-        diag = jax.jit(dist.shard(jax.vmap(lambda p: dist.sharded_exact_diagonal(p, problem, batch_size, dtype)),
+    def diagonals(prob):
+        """Exact full-data diag(H) of each half-set, (G, N, N, H, 2) (nufft: nearest's)."""
+        if prob.interpolation == "nufft":
+            prob = dataclasses.replace(prob, interpolation="nearest")
+        if mesh is None:
+            return jax.jit(jax.vmap(lambda p: exact_diagonal(p, prob, batch_size, dtype)))(stacked)
+        return jax.jit(dist.shard(jax.vmap(lambda p: dist.sharded_exact_diagonal(p, prob, batch_size, dtype)),
                                   mesh, in_specs=rows, out_specs=dist.P()))(stacked)
 
     if resume is None:
@@ -277,19 +323,25 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                            {"epoch": [], "loss": [], "seconds": []})
     else:
         state = resume
+    history = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in state.history.items()}
+    if history.get("shell_lam") is not None:  # a resumed run that had already set its prior
+        problem = dataclasses.replace(problem, shell_lam=tuple(history["shell_lam"]))
 
     if mesh is not None:  # volume, optimizer state and keys replicated; particle rows sharded
         state = state._replace(params=dist.replicate(state.params, mesh),
                                opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
-    epoch_fn, full_loss_fn = group_functions(problem, tx, batch_size=batch_size, n_probes=probes, exact=exact,
-                                             mesh=mesh, n_rows=groups.shape[1])
-    epoch_jit = jax.jit(epoch_fn, donate_argnums=(0, 1))
-    full_loss = jax.jit(full_loss_fn)
 
-    t0 = time.perf_counter()
-    compiled = epoch_jit.lower(state.params, state.opt_state, state.key, stacked, diag).compile()
-    compile_seconds = time.perf_counter() - t0
-    history = {k: list(v) for k, v in state.history.items()}
+    def build(prob):
+        """Compile the epoch for ``prob`` (before timing): (compiled epoch, full loss, diag, seconds)."""
+        diag = diagonals(prob) if exact else None
+        epoch_fn, full_loss_fn = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
+                                                 mesh=mesh, n_rows=groups.shape[1], average=average)
+        t0 = time.perf_counter()
+        compiled = jax.jit(epoch_fn, donate_argnums=(0, 1)).lower(
+            state.params, state.opt_state, state.key, stacked, diag).compile()
+        return compiled, jax.jit(full_loss_fn), diag, time.perf_counter() - t0
+
+    compiled, full_loss, diag, compile_seconds = build(problem)
     history["compile_seconds"] = compile_seconds
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     params, opt_state, keys = state.params, state.opt_state, state.key
@@ -298,6 +350,20 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         params, opt_state, keys, _ = compiled(params, opt_state, keys, stacked, diag)
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - t0
+        if wiener_after and halves and epoch == wiener_after and problem.shell_lam is None:
+            # Gold-standard prior: the half-maps' FSC gives each shell's SNR; the Wiener weight
+            # is the data curvature over that SNR (see wiener_shell_lam). One recompilation.
+            t0 = time.perf_counter()
+            local = params if mesh is None else dist.to_local(state._replace(params=params)).params
+            halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
+            shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(diagonals(problem.data_only())),
+                                         box, r_max=grid.radius)
+            problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
+            history["shell_lam"] = list(problem.shell_lam)
+            state = ReconState(epoch, params, opt_state, keys, history)
+            compiled, full_loss, diag, extra = build(problem)
+            history["compile_seconds"] += extra
+            elapsed += time.perf_counter() - t0 - extra
         value = float(jnp.mean(full_loss(params, stacked)))
         history["epoch"].append(epoch)
         history["loss"].append(value)
@@ -310,9 +376,9 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         state = dist.to_local(state)
         params = state.params
 
-    maps = np.asarray(jax.vmap(ft_to_volume)(params))
+    maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
     if halves:
-        curve = fsc_ft(params[0], params[1])
+        curve = fsc(maps[0], maps[1])
         res = resolution(curve, pixel_size_angstrom)
         return Reconstruction(maps.mean(0), maps, params, curve, res, history, state)
     return Reconstruction(maps[0], None, params, None, None, history, state)
@@ -337,10 +403,11 @@ def least_squares(particles: Particles, problem: Problem, *, iters: int = 100, b
         def body(acc, idx):
             b = subset(particles, idx)
             frac = jnp.sum(b.weight) / total_w
-            _, g, hz = value_grad_hvp(params, b, problem._replace_lam0(), z[None])
+            _, g, hz = value_grad_hvp(params, b, problem.data_only(), z[None])
             return (acc[0] + frac * g, acc[1] + frac * hz[0]), None
         (g, hz), _ = jax.lax.scan(body, (zero, zero), index)
-        return g + 2 * problem.lam * params, hz + 2 * problem.lam * z
+        lam = problem.regularizer(dtype)
+        return g + 2 * lam * params, hz + 2 * lam * z
 
     if diag is None:
         diag = (exact_diagonal(particles, problem, batch_size, dtype) if problem.interpolation != "nufft"

@@ -100,7 +100,7 @@ def simulate_particles(volume, n_images: int, *, pixel_size_angstrom: float, snr
                               defocus_v_angstrom=du - astigmatism_angstrom * rng.uniform(0, 1, n_images),
                               defocus_angle_deg=rng.uniform(0, 180, n_images), amplitude_contrast=0.1)
     grid = FourierGrid(box, box // 2)
-    vft = volume_to_ft(jnp.asarray(volume))
+    vft = volume_to_ft(jnp.asarray(volume), interpolation)
     draw = jax.jit(lambda r, s, c: render(vft, r, s, c, grid, interpolation))
     clean = np.empty((n_images, box, box), np.float32)
     for start in range(0, n_images, chunk):

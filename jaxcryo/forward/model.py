@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcryo.forward.ctf import CTFParams, complex_multiply, conj_multiply, ctf, shift_phase
 from jaxcryo.forward.slicing import FourierGrid, hermitian_symmetrize, project, project_nufft
@@ -33,19 +34,42 @@ class Particles(NamedTuple):
     weight: jnp.ndarray
 
 
-def volume_to_ft(volume):
-    """Real (N, N, N) map -> (N, N, N//2+1, 2) Fourier pairs."""
+def gridding_weight(box: int, interpolation: str | None):
+    """Real-space apodisation (N, N, N) of a slicing kernel: what interpolating Fourier
+    coefficients multiplies the map by (trilinear: prod sinc^2(x_i / N); nearest: prod sinc;
+    nufft or None: ones). Exact slices of a map are the interpolated slices of map / weight.
+    """
+    c = (np.arange(box) - box // 2) / box
+    power = {"trilinear": 2, "nearest": 1}.get(interpolation, 0)
+    w1 = np.sinc(c) ** power
+    return (w1[:, None, None] * w1[None, :, None] * w1[None, None, :]).astype(np.float32)
+
+
+def volume_to_ft(volume, interpolation: str | None = None):
+    """Real (N, N, N) map -> (N, N, N//2+1, 2) Fourier pairs.
+
+    With ``interpolation`` the map is first divided by :func:`gridding_weight`, so that the
+    interpolated slices are the map's projections (gridding pre-compensation).
+    """
     n = volume.shape[-1]
+    if interpolation is not None:
+        volume = volume / gridding_weight(n, interpolation)
     vft = jnp.fft.rfftn(jnp.fft.ifftshift(volume, axes=(-3, -2, -1)), axes=(-3, -2, -1)) / n
     return jnp.stack([vft.real, vft.imag], -1).astype(volume.dtype)
 
 
-def ft_to_volume(pairs):
-    """(N, N, N//2+1, 2) Fourier pairs -> real (N, N, N) map (the Hermitian part)."""
+def ft_to_volume(pairs, interpolation: str | None = None):
+    """(N, N, N//2+1, 2) Fourier pairs -> real (N, N, N) map (the Hermitian part).
+
+    With ``interpolation`` the map is multiplied by :func:`gridding_weight`: parameters fitted
+    with an interpolating slice describe map / weight (the gridding correction).
+    """
     n = pairs.shape[-4]
     vft = hermitian_symmetrize(pairs[..., 0] + 1j * pairs[..., 1])
-    vol = jnp.fft.irfftn(vft * n, s=(n, n, n), axes=(-3, -2, -1))
-    return jnp.fft.fftshift(vol, axes=(-3, -2, -1)).astype(pairs.dtype)
+    vol = jnp.fft.fftshift(jnp.fft.irfftn(vft * n, s=(n, n, n), axes=(-3, -2, -1)), axes=(-3, -2, -1))
+    if interpolation is not None:
+        vol = vol * gridding_weight(n, interpolation)
+    return vol.astype(pairs.dtype)
 
 
 def images_to_ft(images, grid: FourierGrid):
