@@ -17,7 +17,7 @@ from jaxcryo.fsc import fsc
 from jaxcryo.io import make_table, write_particles, write_stack
 
 BOX, N, PX = 16, 160, 3.0
-FAST = ["--epochs", "3", "--batch-size", "64", "--quiet"]
+FAST = ["--epochs", "3", "--batch-size", "64", "--quiet", "--wiener-after", "0"]
 
 
 def run(argv, capsys):
