@@ -557,9 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "
                           "sgd, adam; all but adam use an Armijo line search (c 0.9, initial step 10) and end each "
                           "epoch at the mean of its iterates")
-    rec.add_argument("--epochs", type=pos_int, default=4, metavar="E",
+    rec.add_argument("--epochs", type=pos_int, default=6, metavar="E",
                      help="passes over the data (see README for the measurement behind the default)")
-    rec.add_argument("--wiener-after", type=int, default=1, metavar="E",
+    rec.add_argument("--wiener-after", type=int, default=2, metavar="E",
                      help="after E epochs, add a Wiener prior per Fourier shell estimated from the half-maps' "
                           "FSC (RELION-style gold-standard regularisation; 0: never; ignored with --no-halves "
                           "and when streaming)")

@@ -144,7 +144,12 @@ def _only_value_fn_args(tx: optax.GradientTransformationExtraArgs):
         kept = {k: v for k, v in extra_args.items() if k in names}
         return tx.update(updates, state, params, value=value, grad=grad, value_fn=value_fn, **kept)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    def init_fn(params):
+        # optax starts some counters weak-typed and returns them strong from update, which
+        # makes a jitted step trace twice (optax issue #1171): start them strong.
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.asarray(x).dtype), tx.init(params))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def armijo(*, initial_step: float = 10.0, c: float = 0.99, decrease_factor: float = 0.5,

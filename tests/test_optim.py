@@ -105,12 +105,11 @@ TRANSFORMS = {
     "precon_sgd_fixed_step": lambda: precon_sgd(1.0, alpha=1e-8, linesearch=False),
 }
 # optax's backtracking line search initialises info.num_linesearch_steps as a weak-typed 0 and
-# returns a strong int32 from update, so a jitted step traces twice (optax issue #1171).
-_RETRACES = pytest.mark.xfail(strict=True, reason="optax line-search state changes weak_type after step 1; "
-                              "jaxcryo.optim.armijo should init with strong dtypes")
+# returns a strong int32 from update (optax issue #1171); jaxcryo.optim.armijo starts it strong,
+# so a jitted precon_sgd step traces once.
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_RETRACES) if n == "precon_sgd" else n for n in TRANSFORMS])
+@pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_contract_single_compile(name):
     tx = TRANSFORMS[name]()
     traces = []
