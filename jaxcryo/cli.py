@@ -295,7 +295,6 @@ def _project(args) -> int:
 
 
 def _fsc(args) -> int:
-    import numpy as np
 
     from jaxcryo.fsc import fsc, resolution
     from jaxcryo.io import InputError, read_map
@@ -348,7 +347,6 @@ def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
 
 
 def _reconstruct(args) -> int:
-    import numpy as np
     from tqdm.auto import tqdm
 
     import jaxcryo as jc

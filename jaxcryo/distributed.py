@@ -37,13 +37,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcryo.curvature import exact_diagonal
 from jaxcryo.forward.model import Particles
-from jaxcryo.loss import Problem, loss, per_image_loss, subset, value_grad_hvp
+from jaxcryo.loss import Problem, loss, subset, value_grad_hvp
 
 AXIS = "particles"
 
 __all__ = ["AXIS", "HostShare", "initialize", "slurm_settings", "make_mesh", "n_devices",
            "host_share", "shard_groups", "replicate", "to_local", "gather_batch",
-           "value_grad_hvp_psum", "local_full_loss", "sharded_exact_diagonal", "shard"]
+           "value_grad_hvp_psum", "sharded_exact_diagonal", "shard"]
 
 
 # ---------------------------------------------------------------- processes and meshes
@@ -282,22 +282,6 @@ def value_grad_hvp_psum(params, batch: Particles, problem: Problem, probes=None,
         return jax.lax.psum(part, axis_name) + jnp.sum(lam * p * p)
 
     return value, grad, hvps, value_fn
-
-
-def local_full_loss(params, local: Particles, problem: Problem, batch_size: int, axis_name: str = AXIS):
-    """Full-data objective from this device's rows (inside shard_map): partial sums, one psum."""
-    n = local.weight.shape[0]
-    size = int(min(batch_size, n))
-    n_batches = -(-n // size)
-    index = jnp.pad(jnp.arange(n), (0, n_batches * size - n), constant_values=-1)
-
-    def body(acc, idx):
-        b = subset(local, idx)
-        return acc + jnp.sum(b.weight * per_image_loss(params, b, problem)), None
-
-    part, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, size))
-    total, weight = jax.lax.psum((part, jnp.sum(local.weight.astype(params.dtype))), axis_name)
-    return total / jnp.maximum(weight, 1e-12) + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
 
 def sharded_exact_diagonal(local: Particles, problem: Problem, batch_size: int, dtype,

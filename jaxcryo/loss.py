@@ -147,3 +147,18 @@ def subset(particles: Particles, index) -> Particles:
     safe = jnp.maximum(index, 0)
     taken = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[safe], particles)
     return taken._replace(weight=jnp.where(index >= 0, taken.weight, 0).astype(taken.weight.dtype))
+
+
+def data_loss_sum(params, particles: Particles, problem: Problem, batch_size: int):
+    """(sum_i w_i * data term_i, sum_i w_i) over a whole particle set, scanned in fixed batches."""
+    n = particles.weight.shape[0]
+    size = int(min(batch_size, n))
+    n_batches = -(-n // size)
+    index = jnp.pad(jnp.arange(n), (0, n_batches * size - n), constant_values=-1)
+
+    def body(acc, idx):
+        b = subset(particles, idx)
+        return acc + jnp.sum(b.weight * per_image_loss(params, b, problem)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, size))
+    return total, jnp.sum(jnp.asarray(particles.weight).astype(params.dtype))

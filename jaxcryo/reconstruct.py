@@ -21,10 +21,10 @@ from jaxcryo import distributed as dist
 from jaxcryo.curvature import exact_diagonal, rademacher
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
-from jaxcryo.fsc import fsc, fsc_ft, resolution
+from jaxcryo.fsc import fsc, resolution
 from jaxcryo.curvature import radial_profile
 from jaxcryo.geometry import default_alpha
-from jaxcryo.loss import Problem, loss, per_image_loss, subset, value_grad_hvp
+from jaxcryo.loss import Problem, data_loss_sum, loss, subset, value_grad_hvp
 from jaxcryo.optim import armijo, scale_by_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam")
@@ -173,18 +173,10 @@ def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = No
     """
 
     def full_loss(params, particles):
-        if axis_name is not None:
-            return dist.local_full_loss(params, particles, problem, batch_size, axis_name)
-        n = particles.weight.shape[0]
-        n_batches = -(-n // batch_size)
-        index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1)
-
-        def body(acc, idx):
-            b = subset(particles, idx)
-            return acc + jnp.sum(b.weight * per_image_loss(params, b, problem)), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, batch_size))
-        return total / jnp.maximum(jnp.sum(particles.weight), 1e-12) + jnp.sum(problem.regularizer(params.dtype) * params * params)
+        total, weight = data_loss_sum(params, particles, problem, batch_size)
+        if axis_name is not None:  # partial sums over this device's rows
+            total, weight = jax.lax.psum((total, weight), axis_name)
+        return total / jnp.maximum(weight, 1e-12) + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
     return full_loss
 
