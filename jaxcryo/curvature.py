@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch
-from jaxcryo.forward.slicing import scatter, slice_stencil
+from jaxcryo.forward.slicing import slice_stencil
 from jaxcryo.loss import Problem, _scale, subset
 
 
@@ -54,15 +54,12 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
                          "use hutchinson_diagonal for nufft")
     scale = _scale(batch, problem, dtype)[..., 0]  # (B, P)
     c2 = ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], dtype) ** 2
-
-    def one(rotation, pixel_weight):
-        index, weight, sign = slice_stencil(rotation.astype(dtype), problem.grid, problem.interpolation)
-        sq = (index, weight * weight, jnp.ones_like(sign))
-        return scatter(jnp.stack([pixel_weight, pixel_weight], -1), sq, problem.grid.volume_shape)
-
-    per_image = 2.0 * scale * c2
-    total = jax.lax.map(lambda a: one(*a), (batch.rotations, per_image))
-    return total.sum(0) + 2.0 * problem.regularizer(dtype)
+    index, weight, _ = jax.vmap(
+        lambda r: slice_stencil(r.astype(dtype), problem.grid, problem.interpolation))(batch.rotations)
+    values = (2.0 * scale * c2)[..., None] * weight * weight  # (B, P, K)
+    n_vox = int(np.prod(problem.grid.volume_shape))
+    d = jnp.zeros(n_vox, dtype).at[index.reshape(-1)].add(values.reshape(-1)).reshape(problem.grid.volume_shape)
+    return jnp.stack([d, d], -1) + 2.0 * problem.regularizer(dtype)
 
 
 def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256, dtype=jnp.float32):

@@ -153,9 +153,13 @@ def _only_value_fn_args(tx: optax.GradientTransformationExtraArgs):
 
 
 def armijo(*, initial_step: float = 10.0, c: float = 0.99, decrease_factor: float = 0.5,
-           max_backtracking_steps: int = 15) -> optax.GradientTransformationExtraArgs:
-    """Backtracking (Armijo) line search that restarts at ``initial_step`` on every step.
+           increase_factor: float = float("inf"), max_backtracking_steps: int = 15,
+           ) -> optax.GradientTransformationExtraArgs:
+    """Backtracking (Armijo) line search starting from at most ``initial_step``.
 
+    With the default ``increase_factor=inf`` every step restarts at ``initial_step`` (the
+    paper's search); a finite factor starts from the last accepted step times the factor
+    (capped at ``initial_step``), which saves most of the backtracking evaluations.
     Expects extra args ``value``, ``grad`` and ``value_fn`` (optax's convention). Feed it the
     descent direction (already negated), e.g. after ``optax.scale(-1.0)``.
     """
@@ -163,7 +167,7 @@ def armijo(*, initial_step: float = 10.0, c: float = 0.99, decrease_factor: floa
         optax.scale(initial_step),
         _only_value_fn_args(optax.scale_by_backtracking_linesearch(
             max_backtracking_steps=max_backtracking_steps, slope_rtol=c,
-            decrease_factor=decrease_factor, increase_factor=jnp.inf, max_learning_rate=1.0)),
+            decrease_factor=decrease_factor, increase_factor=increase_factor, max_learning_rate=1.0)),
     )
 
 
