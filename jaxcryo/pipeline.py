@@ -299,7 +299,7 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
     else:
         state = resume
     epoch_fn = jax.jit(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
-                                           average=True)),
+                                           average=True), in_axes=(0, 0, 0, 0, None, None)),
                        donate_argnums=(0, 1))
     full_loss = jax.jit(jax.vmap(make_full_loss(problem, batch_size)))
     prepare = _prepare_fn(grid)
@@ -326,7 +326,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         order = np.stack([groups[i][np.asarray(jax.random.permutation(split[i, 1], m))] for i in range(g)])
         for part in chunks(order):
             t1 = time.perf_counter()
-            params, opt_state, keys, _ = epoch_fn(params, opt_state, keys, part)
+            average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)  # as reconstruct() does
+            params, opt_state, keys, _ = epoch_fn(params, opt_state, keys, part, None, average_from)
             if epoch == state.epoch + 1 and not history["compile_seconds"]:
                 jax.block_until_ready(params)
                 history["compile_seconds"] = time.perf_counter() - t1

@@ -123,8 +123,11 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
     device padding and ``n_devices`` the mesh size. The minibatches are the same rows as on one
     device; each device computes on an equal slice of each and the sums are psum-ed.
 
-    With ``average`` the epoch ends at the mean of its iterates (Polyak-Ruppert averaging,
-    restarted every epoch): it removes most of the minibatch noise that a constant step leaves.
+    With ``average`` the epoch ends at the mean of its iterates from the fraction
+    ``average_from`` of its steps on (Polyak-Ruppert averaging restarted every epoch): it
+    removes most of the minibatch noise that a constant step leaves. The driver averages the
+    whole of every epoch but the first, whose first half (far from the optimum, and the
+    curvature warm-up) would drag the mean back toward the start.
     """
 
     def terms(params, particles, index, probes):
@@ -135,7 +138,7 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         batch = dist.gather_batch(particles, index, axis_name)
         return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name)
 
-    def step(carry, index, particles, diag):
+    def step(carry, index, particles, diag, start):
         (params, opt_state, key), (mean, count) = carry
         key, probe_key = jax.random.split(key)
         extra = {}
@@ -148,11 +151,12 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
                                        value_fn=value_fn, **extra)
         params = optax.apply_updates(params, updates)
-        count = count + 1
-        mean = mean + (params - mean) / count.astype(params.dtype) if average else mean
-        return ((params, opt_state, key), (mean, count)), value
+        if average:  # running mean of the iterates from step `start` on
+            k = jnp.maximum(count - start + 1, 1).astype(params.dtype)
+            mean = jnp.where(count >= start, mean + (params - mean) / k, mean)
+        return ((params, opt_state, key), (mean, count + 1)), value
 
-    def epoch(params, opt_state, key, particles, diag=None):
+    def epoch(params, opt_state, key, particles, diag=None, average_from=0.0):
         n = particles.weight.shape[0] if n_rows is None else n_rows
         n_batches = -(-n // batch_size)
         key, perm_key = jax.random.split(key)
@@ -163,7 +167,8 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
             order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
         mean = jnp.zeros_like(params) if average else jnp.zeros((), params.dtype)
         ((params, opt_state, key), (mean, _)), values = jax.lax.scan(
-            lambda c, i: step(c, i, particles, diag), ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
+            lambda c, i: step(c, i, particles, diag, jnp.floor(average_from * n_batches).astype(jnp.int32)),
+            ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
             order)
         return (mean if average else params), opt_state, key, values
 
@@ -196,13 +201,13 @@ def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exa
     """
     if mesh is None:
         return (jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                    average=average)),
+                                    average=average), in_axes=(0, 0, 0, 0, 0, None)),
                 jax.vmap(make_full_loss(problem, batch_size)))
     rows, rep = dist.P(None, dist.AXIS), dist.P()
     epoch = dist.shard(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
                                            axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh),
-                                           average=average)),
-                       mesh, in_specs=(rep, rep, rep, rows, rep), out_specs=rep)
+                                           average=average), in_axes=(0, 0, 0, 0, 0, None)),
+                       mesh, in_specs=(rep, rep, rep, rows, rep, rep), out_specs=rep)
     full_loss = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
                            in_specs=(rep, rows), out_specs=rep)
     return epoch, full_loss
@@ -334,7 +339,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                                                  mesh=mesh, n_rows=groups.shape[1], average=average)
         t0 = time.perf_counter()
         compiled = jax.jit(epoch_fn, donate_argnums=(0, 1)).lower(
-            state.params, state.opt_state, state.key, stacked, diag).compile()
+            state.params, state.opt_state, state.key, stacked, diag, jnp.zeros((), dtype)).compile()
         return compiled, jax.jit(full_loss_fn), diag, time.perf_counter() - t0
 
     compiled, full_loss, diag, compile_seconds = build(problem)
@@ -343,7 +348,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     params, opt_state, keys = state.params, state.opt_state, state.key
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        params, opt_state, keys, _ = compiled(params, opt_state, keys, stacked, diag)
+        average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)
+        params, opt_state, keys, _ = compiled(params, opt_state, keys, stacked, diag, average_from)
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - t0
         if wiener_after and halves and epoch == wiener_after and problem.shell_lam is None:

@@ -275,8 +275,9 @@ def test_streaming_reconstructs_and_resumes(sim, uninterrupted, tmp_path, capsys
     history = json.loads((whole / "history.json").read_text())
     in_memory = json.loads((uninterrupted / "history.json").read_text())
     assert history["settings"]["mode"] == "stream 100"
-    # Same objective, different minibatches: losses agree to optimisation noise.
-    np.testing.assert_allclose(history["loss"], in_memory["loss"], rtol=0.05)
+    # Same objective, different minibatches, and iterates averaged per chunk (here one step a
+    # chunk) rather than per epoch: losses agree to optimisation noise plus that difference.
+    np.testing.assert_allclose(history["loss"], in_memory["loss"], rtol=0.1)
     truth = mrcfile.read(sim / "truth.mrc")
     assert fsc(mrcfile.read(whole / "map.mrc"), truth)[1:BOX // 2 - 1].mean() > 0.5
 
