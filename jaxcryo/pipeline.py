@@ -275,7 +275,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
     from jaxcryo.fsc import fsc, resolution
     from jaxcryo.forward.model import ft_to_volume
     from jaxcryo.loss import Problem
-    from jaxcryo.reconstruct import Reconstruction, make_epoch, make_full_loss, make_optimizer, _split_halves
+    from jaxcryo.reconstruct import (Reconstruction, _split_halves, make_epoch, make_full_loss, make_optimizer,
+                                     map_groups)
 
     if method == "psgd-exact":
         raise InputError("psgd-exact needs every particle in memory for its diagonal; "
@@ -298,10 +299,10 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                            {"epoch": [], "loss": [], "seconds": []})
     else:
         state = resume
-    epoch_fn = jax.jit(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
-                                           average=True), in_axes=(0, 0, 0, 0, None, None)),
+    epoch_fn = jax.jit(map_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
+                                             average=True), interpolation, (0, 0, 0, 0, None, None)),
                        donate_argnums=(0, 1))
-    full_loss = jax.jit(jax.vmap(make_full_loss(problem, batch_size)))
+    full_loss = jax.jit(map_groups(make_full_loss(problem, batch_size), interpolation))
     prepare = _prepare_fn(grid)
 
     def chunks(order):

@@ -190,25 +190,45 @@ def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = No
     return full_loss
 
 
+def map_groups(fn, interpolation: str, in_axes=0):
+    """``jax.vmap`` over the half-set axis, or, for ``nufft``, a ``lax.map`` with the same
+    signature: jax-finufft's batching rule does not run under this JAX (``batching.not_mapped``
+    is gone), and the half-sets are independent, so mapping them one after the other is exact."""
+    if interpolation != "nufft":
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+
+        def one(xs):
+            it = iter(xs)
+            return fn(*[next(it) if ax == 0 else a for a, ax in zip(args, axes)])
+
+        return jax.lax.map(one, tuple(a for a, ax in zip(args, axes) if ax == 0))
+
+    return mapped
+
+
 def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
                     mesh=None, n_rows: int | None = None, average: bool = False):
     """(epoch, full_loss) over all half-sets (leading axis G), not yet jitted.
 
-    epoch(params, opt_state, keys, stacked[, diag]) and full_loss(params, stacked) take
-    ``stacked`` from ``_stack_groups`` (mesh None) or :func:`jaxcryo.distributed.shard_groups`
+    epoch(params, opt_state, keys, stacked, diag, average_from) and full_loss(params, stacked)
+    take ``stacked`` from ``_stack_groups`` (mesh None) or :func:`jaxcryo.distributed.shard_groups`
     (a mesh: rows sharded, ``n_rows`` the half-sets' length before device padding; params,
     optimizer state and keys replicated, e.g. by :func:`jaxcryo.distributed.replicate`).
     """
+    over_groups = lambda fn, in_axes=0: map_groups(fn, problem.interpolation, in_axes)  # noqa: E731
     if mesh is None:
-        return (jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                    average=average), in_axes=(0, 0, 0, 0, 0, None)),
-                jax.vmap(make_full_loss(problem, batch_size)))
+        return (over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
+                                       average=average), (0, 0, 0, 0, 0, None)),
+                over_groups(make_full_loss(problem, batch_size)))
     rows, rep = dist.P(None, dist.AXIS), dist.P()
-    epoch = dist.shard(jax.vmap(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                           axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh),
-                                           average=average), in_axes=(0, 0, 0, 0, 0, None)),
+    epoch = dist.shard(over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
+                                              axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh),
+                                              average=average), (0, 0, 0, 0, 0, None)),
                        mesh, in_specs=(rep, rep, rep, rows, rep, rep), out_specs=rep)
-    full_loss = dist.shard(jax.vmap(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
+    full_loss = dist.shard(over_groups(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
                            in_specs=(rep, rows), out_specs=rep)
     return epoch, full_loss
 
