@@ -353,11 +353,22 @@ def _reconstruct(args) -> int:
     import jaxcryo as jc
     from jaxcryo.forward import FourierGrid
     from jaxcryo.fsc import resolution
-    from jaxcryo.io import InputError, write_map
+    from jaxcryo.io import InputError, ParticleStack, write_map
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
                                   load_particles, open_particles, plan_memory, plan_streaming_bytes,
                                   reconstruct_streaming, save_checkpoint)
 
+    import jax
+
+    from jaxcryo import distributed as dist
+
+    try:  # before any other JAX call
+        multi = dist.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as err:
+        raise InputError(f"--coordinator/--num-processes/--process-id: {err}") from None
+    lead = not multi or jax.process_index() == 0
+    if not lead:
+        args.quiet = True
     out = _check_output_folder(args.out)
     root = _map_root(out)
     folder = os.path.dirname(out)
@@ -418,6 +429,9 @@ def _reconstruct(args) -> int:
                 _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
         elif args.resume:
             raise InputError(f"{ckpt}: no checkpoint to resume from")
+        if stream and multi:
+            raise InputError(f"{args.star}: streaming is single-process; with several processes each one "
+                             "holds only its share in memory (raise --max-memory-gb, or add processes)")
         if stream and args.method == "psgd-exact":
             raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 
@@ -426,7 +440,8 @@ def _reconstruct(args) -> int:
                           disable=args.quiet, leave=False, position=0)
 
         def on_epoch(state):
-            save_checkpoint(ckpt, state, settings)
+            if lead:  # every process holds the same state; the checkpoint folder is shared
+                save_checkpoint(ckpt, state, settings)
             epochs_bar.update(1)
             epochs_bar.set_postfix(loss=f"{state.history['loss'][-1]:.5g}")
 
@@ -446,17 +461,30 @@ def _reconstruct(args) -> int:
                                         progress=on_chunk)
             images_bar.close()
         else:
-            bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False, position=1)
-            particles = load_particles(table, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+            mesh = share = None
+            mine, my_stack = table, stack
+            if multi:  # this process reads only the rows its devices hold
+                mesh = dist.make_mesh(args.devices)
+                share = dist.host_share(n, mesh=mesh, halves=halves, seed=args.seed)
+                mine = table.subset(share.rows)
+                my_stack = ParticleStack(mine)
+            bar = tqdm(total=len(mine), desc="reading particles", unit="img", disable=args.quiet, leave=False,
+                       position=1)
+            particles = load_particles(mine, my_stack, grid, chunk_size=args.chunk_size, progress=bar.update)
             bar.close()
+            if my_stack is not stack:
+                my_stack.close()
             epochs_bar.set_postfix_str("compiling")
             rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
                                  interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
                                  lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch,
-                                 devices=args.devices, wiener_after=args.wiener_after)
+                                 devices=None if multi else args.devices, mesh=mesh, share=share,
+                                 wiener_after=args.wiener_after)
             del particles
         epochs_bar.close()
 
+    if not lead:  # every process has the same maps; process 0 writes them
+        return 0
     write_map(out, rec.volume, voxel_size_angstrom=px)
     written = [os.path.basename(out)]
     history = {k: rec.history[k] for k in ("epoch", "loss", "seconds")}
@@ -571,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (half-sets, shuffles, probes)")
     rec.add_argument("--devices", type=pos_int, default=None, metavar="N",
                      help="spread the particles over N local devices (GPUs; default: all of them)")
+    rec.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="several processes (hosts): process 0's address; with --num-processes and "
+                          "--process-id. Under SLURM (srun, one task per node) all three come from the "
+                          "environment. Each process reads only its share of the particles; process 0 writes")
+    rec.add_argument("--num-processes", type=pos_int, default=None, metavar="N", help="processes in all")
+    rec.add_argument("--process-id", type=int, default=None, metavar="I", help="this process, 0 .. N-1")
     rec.add_argument("--no-halves", action="store_true",
                      help="one reconstruction from all particles (no half-maps, no FSC)")
     rec.add_argument("--resume", action="store_true",

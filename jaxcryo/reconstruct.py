@@ -378,7 +378,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
             # Gold-standard prior: the half-maps' FSC gives each shell's SNR; the Wiener weight
             # is the data curvature over that SNR (see wiener_shell_lam). One recompilation.
             t0 = time.perf_counter()
-            local = params if mesh is None else dist.to_local(state._replace(params=params)).params
+            local = params if mesh is None else dist.to_local(params)
             halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
             shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(diagonals(problem.data_only())),
                                          box, r_max=grid.radius)

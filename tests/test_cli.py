@@ -288,3 +288,37 @@ def test_streaming_reconstructs_and_resumes(sim, uninterrupted, tmp_path, capsys
     assert code == 0 and "resuming" in err
     a, b = mrcfile.read(parts / "map.mrc"), mrcfile.read(whole / "map.mrc")
     np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
+
+
+def test_two_processes_write_the_map_of_one(sim, tmp_path):
+    """`jaxcryo reconstruct --coordinator ... --num-processes 2 --process-id i` on 127.0.0.1:
+    each process reads its share of the rows, process 0 writes the same map as one process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    star = str(sim / "particles.star")
+    opts = ["--epochs", "2", "--batch-size", "64", "--quiet", "--wiener-after", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    exe = [sys.executable, "-m", "jaxcryo.cli", "reconstruct", star]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single = subprocess.run(exe + ["--out", str(one / "map.mrc"), *opts], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 0, single.stderr
+    procs = [subprocess.Popen(exe + ["--out", str(two / "map.mrc"), *opts, "--coordinator", f"127.0.0.1:{port}",
+                                     "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]  # only process 0 reports and writes
+    a, b = mrcfile.read(one / "map.mrc"), mrcfile.read(two / "map.mrc")
+    np.testing.assert_allclose(b, a, atol=2e-5 * np.abs(a).max())
+    h1 = json.loads((one / "history.json").read_text())
+    h2 = json.loads((two / "history.json").read_text())
+    np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=2e-6)
