@@ -87,7 +87,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     descriptions keep their line breaks."""
 
     def _get_help_string(self, action):
-        if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.required or action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
