@@ -34,7 +34,7 @@ from jaxcryo.forward.ctf import CTFParams, make_ctf_params
 from jaxcryo.forward.model import Particles
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.geometry import euler_to_matrix, random_rotations, shell_index
-from jaxcryo.loss import Problem, subset, value_grad_hvp
+from jaxcryo.loss import Problem, sum_over_batches, value_grad_hvp
 
 # --------------------------------------------------------------------------- the bound
 
@@ -138,9 +138,6 @@ def make_full_hvp(particles: Particles, problem: Problem, batch_size: int = 256)
     one adjoint pass over all particles for all k probes together).
     """
     n = particles.weight.shape[0]
-    n_batches = -(-n // batch_size)
-    index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1)
-    index = index.reshape(n_batches, batch_size)
     total_w = jnp.maximum(jnp.sum(particles.weight), 1e-12)
     meta = particles._replace(data=jnp.zeros((n, 0, 2), particles.rotations.dtype))
     p0 = problem.data_only()
@@ -148,14 +145,12 @@ def make_full_hvp(particles: Particles, problem: Problem, batch_size: int = 256)
     def hvps(z):
         zero = jnp.zeros(z.shape[1:], z.dtype)
 
-        def body(acc, idx):
-            b = subset(meta, idx)
-            b = b._replace(data=jnp.zeros((batch_size, problem.grid.n_pixels, 2), z.dtype))
+        def one(b):
+            b = b._replace(data=jnp.zeros((b.weight.shape[0], problem.grid.n_pixels, 2), z.dtype))
             _, _, hz = value_grad_hvp(zero, b, p0, z)
-            return acc + (jnp.sum(b.weight) / total_w) * hz, None
+            return (jnp.sum(b.weight) / total_w) * hz
 
-        acc, _ = jax.lax.scan(body, jnp.zeros_like(z), index)
-        return acc + 2.0 * problem.regularizer(z.dtype) * z
+        return sum_over_batches(one, meta, batch_size, jnp.zeros_like(z)) + 2.0 * problem.regularizer(z.dtype) * z
 
     return hvps
 

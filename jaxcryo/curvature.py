@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch
 from jaxcryo.forward.slicing import slice_stencil
-from jaxcryo.loss import Problem, _scale, subset
+from jaxcryo.loss import Problem, _scale, sum_over_batches
 
 
 def hvp(fun, params, vector, *args):
@@ -64,19 +64,10 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
 
 def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256, dtype=jnp.float32):
     """Exact diag(H) of the full-data objective (all particles, weights normalised once)."""
-    n = particles.weight.shape[0]
-    n_batches = -(-n // batch_size)
-    index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1)
     total_w = jnp.maximum(jnp.sum(particles.weight), 1e-12)
-
-    def body(acc, idx):
-        b = subset(particles, idx)
-        frac = jnp.sum(b.weight) / total_w
-        d = batch_exact_diagonal(b, problem.data_only(), dtype)
-        return acc + frac * d, None
-
-    acc, _ = jax.lax.scan(body, jnp.zeros(problem.grid.volume_shape + (2,), dtype),
-                          index.reshape(n_batches, batch_size))
+    data = problem.data_only()
+    acc = sum_over_batches(lambda b: (jnp.sum(b.weight) / total_w) * batch_exact_diagonal(b, data, dtype),
+                           particles, batch_size, jnp.zeros(problem.grid.volume_shape + (2,), dtype))
     return acc + 2.0 * problem.regularizer(dtype)
 
 

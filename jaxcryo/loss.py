@@ -149,16 +149,28 @@ def subset(particles: Particles, index) -> Particles:
     return taken._replace(weight=jnp.where(index >= 0, taken.weight, 0).astype(taken.weight.dtype))
 
 
-def data_loss_sum(params, particles: Particles, problem: Problem, batch_size: int):
-    """(sum_i w_i * data term_i, sum_i w_i) over a whole particle set, scanned in fixed batches."""
+def batched(index, batch_size: int):
+    """Row indices (n,) -> (ceil(n / batch_size), batch_size), the last batch padded with -1
+    (rows that :func:`subset` turns into zero-weight padding)."""
+    n = index.shape[0]
+    n_batches = -(-n // batch_size)
+    return jnp.pad(index, (0, n_batches * batch_size - n), constant_values=-1).reshape(n_batches, batch_size)
+
+
+def sum_over_batches(fn, particles: Particles, batch_size: int, init):
+    """Sum of ``fn(batch)`` (a pytree shaped like ``init``) over a whole particle set, taken in
+    fixed batches of at most ``batch_size`` rows under one ``lax.scan``."""
     n = particles.weight.shape[0]
-    size = int(min(batch_size, n))
-    n_batches = -(-n // size)
-    index = jnp.pad(jnp.arange(n), (0, n_batches * size - n), constant_values=-1)
 
     def body(acc, idx):
-        b = subset(particles, idx)
-        return acc + jnp.sum(b.weight * per_image_loss(params, b, problem)), None
+        return jax.tree.map(jnp.add, acc, fn(subset(particles, idx))), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), params.dtype), index.reshape(n_batches, size))
+    total, _ = jax.lax.scan(body, init, batched(jnp.arange(n), int(min(batch_size, n))))
+    return total
+
+
+def data_loss_sum(params, particles: Particles, problem: Problem, batch_size: int):
+    """(sum_i w_i * data term_i, sum_i w_i) over a whole particle set, scanned in fixed batches."""
+    total = sum_over_batches(lambda b: jnp.sum(b.weight * per_image_loss(params, b, problem)), particles,
+                             batch_size, jnp.zeros((), params.dtype))
     return total, jnp.sum(jnp.asarray(particles.weight).astype(params.dtype))

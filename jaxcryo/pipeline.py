@@ -272,11 +272,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
 
     ``progress(k)`` is called with the images done after each chunk of the training pass.
     """
-    from jaxcryo.fsc import fsc, resolution
-    from jaxcryo.forward.model import ft_to_volume
     from jaxcryo.loss import Problem
-    from jaxcryo.reconstruct import (Reconstruction, _split_halves, make_epoch, make_full_loss, make_optimizer,
-                                     map_groups)
+    from jaxcryo.reconstruct import _split_halves, finish, make_epoch, make_full_loss, make_optimizer, map_groups
 
     if method == "psgd-exact":
         raise InputError("psgd-exact needs every particle in memory for its diagonal; "
@@ -348,10 +345,4 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         state = ReconState(epoch, params, opt_state, keys, history)
         if callback is not None:
             callback(state)
-    state = ReconState(state.epoch, params, opt_state, keys, history)
-    maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
-    if halves:
-        curve = fsc(maps[0], maps[1])
-        return Reconstruction(maps.mean(0), maps, params, curve, resolution(curve, pixel_size_angstrom), history,
-                              state)
-    return Reconstruction(maps[0], None, params, None, None, history, state)
+    return finish(ReconState(state.epoch, params, opt_state, keys, history), interpolation, pixel_size_angstrom)

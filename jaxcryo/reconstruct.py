@@ -18,13 +18,12 @@ import numpy as np
 import optax
 
 from jaxcryo import distributed as dist
-from jaxcryo.curvature import exact_diagonal, rademacher
+from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
-from jaxcryo.curvature import radial_profile
 from jaxcryo.geometry import default_alpha
-from jaxcryo.loss import Problem, data_loss_sum, loss, subset, value_grad_hvp
+from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
 from jaxcryo.optim import armijo, scale_by_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam")
@@ -158,16 +157,14 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
 
     def epoch(params, opt_state, key, particles, diag=None, average_from=0.0):
         n = particles.weight.shape[0] if n_rows is None else n_rows
-        n_batches = -(-n // batch_size)
         key, perm_key = jax.random.split(key)
-        order = jax.random.permutation(perm_key, n)
-        order = jnp.pad(order, (0, n_batches * batch_size - n), constant_values=-1)
-        order = order.reshape(n_batches, batch_size)
+        order = batched(jax.random.permutation(perm_key, n), batch_size)
         if n_devices > 1:  # equal slices per device: pad each batch with zero-weight rows
             order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
         mean = jnp.zeros_like(params) if average else jnp.zeros((), params.dtype)
+        start = jnp.floor(average_from * order.shape[0]).astype(jnp.int32)
         ((params, opt_state, key), (mean, _)), values = jax.lax.scan(
-            lambda c, i: step(c, i, particles, diag, jnp.floor(average_from * n_batches).astype(jnp.int32)),
+            lambda c, i: step(c, i, particles, diag, start),
             ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
             order)
         return (mean if average else params), opt_state, key, values
@@ -252,6 +249,18 @@ def wiener_shell_lam(fsc_curve, diag, box: int, *, r_max: int | None = None, fud
     lam[r_max + 1:] = lam[min(r_max, len(lam) - 1)]
     lam[0] = 0.0  # never damp the mean density
     return lam
+
+
+def finish(state: ReconState, interpolation: str, pixel_size_angstrom: float) -> Reconstruction:
+    """The Reconstruction of a final state: gridding-corrected maps, and with two half-sets
+    their mean, FSC and resolution at 0.143."""
+    params = state.params
+    maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
+    if maps.shape[0] == 2:
+        curve = fsc(maps[0], maps[1])
+        res = resolution(curve, pixel_size_angstrom)
+        return Reconstruction(maps.mean(0), maps, params, curve, res, state.history, state)
+    return Reconstruction(maps[0], None, params, None, None, state.history, state)
 
 
 def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
@@ -354,9 +363,12 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         state = state._replace(params=dist.replicate(state.params, mesh),
                                opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
 
-    def build(prob):
-        """Compile the epoch for ``prob`` (before timing): (compiled epoch, full loss, diag, seconds)."""
-        diag = diagonals(prob) if exact else None
+    def build(prob, data_diag=None):
+        """Compile the epoch for ``prob`` (before timing): (compiled epoch, full loss, diag, seconds).
+        ``data_diag``: the data term's diagonal when already computed (psgd-exact reuses it)."""
+        diag = None
+        if exact:
+            diag = diagonals(prob) if data_diag is None else data_diag + 2.0 * prob.regularizer(dtype)
         epoch_fn, full_loss_fn = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
                                                  mesh=mesh, n_rows=groups.shape[1], average=average)
         t0 = time.perf_counter()
@@ -380,12 +392,12 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
             t0 = time.perf_counter()
             local = params if mesh is None else dist.to_local(params)
             halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
-            shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(diagonals(problem.data_only())),
-                                         box, r_max=grid.radius)
+            data_diag = diagonals(problem.data_only())
+            shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
             problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
             history["shell_lam"] = list(problem.shell_lam)
             state = ReconState(epoch, params, opt_state, keys, history)
-            compiled, full_loss, diag, extra = build(problem)
+            compiled, full_loss, diag, extra = build(problem, data_diag)
             history["compile_seconds"] += extra
             elapsed += time.perf_counter() - t0 - extra
         value = float(jnp.mean(full_loss(params, stacked)))
@@ -398,14 +410,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     state = ReconState(state.epoch, params, opt_state, keys, history)
     if mesh is not None:
         state = dist.to_local(state)
-        params = state.params
-
-    maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
-    if halves:
-        curve = fsc(maps[0], maps[1])
-        res = resolution(curve, pixel_size_angstrom)
-        return Reconstruction(maps.mean(0), maps, params, curve, res, history, state)
-    return Reconstruction(maps[0], None, params, None, None, history, state)
+    return finish(state, interpolation, pixel_size_angstrom)
 
 
 def least_squares(particles: Particles, problem: Problem, *, iters: int = 100, batch_size: int = 512,
@@ -417,19 +422,16 @@ def least_squares(particles: Particles, problem: Problem, *, iters: int = 100, b
     with info = {'iters', 'relative_residual'}.
     """
     dtype = particles.data.dtype
-    n = particles.weight.shape[0]
-    n_batches = -(-n // batch_size)
-    index = jnp.pad(jnp.arange(n), (0, n_batches * batch_size - n), constant_values=-1).reshape(n_batches, batch_size)
     total_w = jnp.maximum(jnp.sum(particles.weight), 1e-12)
     zero = problem.zeros(dtype)
+    data = problem.data_only()
 
     def grad_hvp(params, z):
-        def body(acc, idx):
-            b = subset(particles, idx)
+        def one(b):
+            _, g, hz = value_grad_hvp(params, b, data, z[None])
             frac = jnp.sum(b.weight) / total_w
-            _, g, hz = value_grad_hvp(params, b, problem.data_only(), z[None])
-            return (acc[0] + frac * g, acc[1] + frac * hz[0]), None
-        (g, hz), _ = jax.lax.scan(body, (zero, zero), index)
+            return frac * g, frac * hz[0]
+        g, hz = sum_over_batches(one, particles, batch_size, (zero, zero))
         lam = problem.regularizer(dtype)
         return g + 2 * lam * params, hz + 2 * lam * z
 
