@@ -255,12 +255,12 @@ def _project(args) -> int:
     import numpy as np
 
     from jaxcryo.forward import CTFParams, FourierGrid, render, volume_to_ft
-    from jaxcryo.io import InputError, read_map, read_particles, write_stack
-    from jaxcryo.pipeline import table_poses
+    from jaxcryo.io import InputError, read_map, write_stack
+    from jaxcryo.pipeline import read_table, table_poses
 
     out = _check_output_folder(args.out)
     volume, header_px = read_map(args.map)
-    table = read_particles(args.star)
+    table = read_table(args.star)
     box = volume.shape[0]
     star_box = table.box_size[table.box_size > 0]
     if len(star_box) and np.any(star_box != box):
@@ -374,7 +374,7 @@ def _reconstruct(args) -> int:
     folder = os.path.dirname(out)
     ckpt = checkpoint_path(out)
     t_start = time.perf_counter()
-    table, stack = open_particles(args.star)
+    table, stack = open_particles(args.star, datadir=args.datadir)
     with stack:
         note = stack.pixel_size_note()
         if note:
@@ -565,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "as 'relion_project --ctf' does (same sign conventions; image scale differs by a constant).")
     proj.add_argument("map", metavar="MAP.mrc", help="map to project (its box must match the STAR's rlnImageSize)")
     proj.add_argument("--star", required=True, metavar="POSES.star",
-                      help="RELION particle STAR file with rlnAngleRot/Tilt/Psi, shifts and CTF")
+                      help="RELION particle STAR file with rlnAngleRot/Tilt/Psi, shifts and CTF (or a cryoSPARC .cs)")
     proj.add_argument("--out", required=True, metavar="PROJ.mrcs", help="output image stack")
     proj.add_argument("--no-ctf", action="store_true", help="do not apply the CTF")
     proj.add_argument("--interpolation", choices=("auto",) + INTERPOLATIONS, default="auto",
@@ -580,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "half-sets. Writes MAP.mrc (mean of the halves), MAP_half1.mrc, MAP_half2.mrc,\n"
                     "MAP_fsc.png and history.json beside MAP, and a checkpoint MAP.ckpt.npz after every\n"
                     "epoch: rerunning the same command (or --resume) continues a killed run.")
-    rec.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file with poses")
+    rec.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file with poses, "
+                     "or a cryoSPARC particles .cs file (alignments3D poses)")
+    rec.add_argument("--datadir", default=None, metavar="DIR",
+                     help="folder holding the particle stacks of a .cs file, when its blob/path does not resolve")
     rec.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
     rec.add_argument("--method", choices=METHODS, default="psgd",
                      help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "

@@ -412,7 +412,7 @@ def add_condition_command(subparsers):
         description="Print kappa(R) of the reconstruction Hessian for the poses (and CTF) of a particle "
                     "STAR file, with the theoretical lower bound, and write a PNG plot and JSON. "
                     "Images are not read: the Hessian depends only on poses and CTF.")
-    p.add_argument("particles", help="particle STAR file with rlnAngleRot/Tilt/Psi")
+    p.add_argument("particles", help="particle STAR file with rlnAngleRot/Tilt/Psi, or cryoSPARC .cs file")
     p.add_argument("--box", type=int, default=None,
                    help="box size in pixels (default: the optics rlnImageSize); a smaller box than the "
                         "images' is a Fourier crop (pixel size scaled accordingly)")
@@ -449,8 +449,8 @@ def particles_from_table(table, box: int | None = None, *, with_ctf: bool = True
 
 def run_condition(args) -> int:
     """``jaxcryo condition``: read poses, compute kappa per shell, print it, write JSON and PNG."""
-    from jaxcryo.io import read_particles
-    table = read_particles(args.particles, require_poses=True)
+    from jaxcryo.pipeline import read_table
+    table = read_table(args.particles, require_poses=True)
     if args.max_particles and len(table) > args.max_particles:
         pick = np.sort(np.random.default_rng(0).choice(len(table), args.max_particles, replace=False))
         table = table.subset(pick)

@@ -26,13 +26,14 @@ from jaxcryo.forward.model import Particles, prepare_particles
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.geometry import euler_to_matrix
 from jaxcryo.io import InputError, ParticleStack, ParticleTable, read_particles
+from jaxcryo.io.cryosparc import read_cs
 from jaxcryo.io.errors import atomic_output
 from jaxcryo.reconstruct import ReconState
 
 GIB = 1024 ** 3
 CHECKPOINT_VERSION = 1
 
-__all__ = ["open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
+__all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
            "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint",
            "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
 
@@ -40,8 +41,18 @@ __all__ = ["open_particles", "table_poses", "load_particles", "iter_particle_chu
 # ----------------------------------------------------------------------------- particles
 
 
-def open_particles(star_path, *, require_poses: bool = True) -> tuple[ParticleTable, ParticleStack]:
-    """Read a particle STAR file and open its stacks, checking everything that can be checked cheaply.
+def read_table(path, *, require_poses: bool = True, datadir=None) -> ParticleTable:
+    """A ParticleTable from a cryoSPARC ``.cs`` file (by its suffix) or a RELION STAR file.
+
+    ``datadir``: where a .cs file's stacks are, when its ``blob/path`` does not resolve.
+    """
+    if os.fspath(path).lower().endswith(".cs"):
+        return read_cs(path, require_poses=require_poses, datadir=datadir)
+    return read_particles(path, require_poses=require_poses)
+
+
+def open_particles(star_path, *, require_poses: bool = True, datadir=None) -> tuple[ParticleTable, ParticleStack]:
+    """Read a particle STAR (or cryoSPARC .cs) file and open its stacks, checking what can be checked cheaply.
 
     Checks: the STAR (columns, rows), every stack header (readable, square images), rows past
     the end of their stack, box against the optics table's rlnImageSize, one pixel size and one
@@ -50,7 +61,7 @@ def open_particles(star_path, *, require_poses: bool = True) -> tuple[ParticleTa
     Raises:
       InputError: naming the file and the problem.
     """
-    table = read_particles(star_path, require_poses=require_poses)
+    table = read_table(star_path, require_poses=require_poses, datadir=datadir)
     stack = ParticleStack(table)
     try:
         stack.validate()
