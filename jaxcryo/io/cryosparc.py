@@ -360,8 +360,9 @@ def write_cs(path, table: ParticleTable, *, project_dir=None) -> None:
         shown.append(os.path.relpath(stack, base) if inside else stack)
     encoded = [s.encode("utf-8") for s in shown]
     width = max(len(s) for s in encoded)
+    box_known = bool(np.all(table.box_size > 0))
     fields = [
-        ("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+        ("uid", "<u8"), ("blob/path", f"S{width}"), ("blob/idx", "<u4"), *([("blob/shape", "<u4", (2,))] * box_known),
         ("blob/psize_A", "<f4"), ("ctf/exp_group_id", "<u4"),
         ("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,)), ("alignments3D/psize_A", "<f4"),
     ]
@@ -371,7 +372,8 @@ def write_cs(path, table: ParticleTable, *, project_dir=None) -> None:
     out["uid"] = np.arange(n)
     out["blob/path"] = encoded
     out["blob/idx"] = table.stack_indices
-    out["blob/shape"] = np.maximum(table.box_size, 0)[:, None]
+    if box_known:
+        out["blob/shape"] = table.box_size[:, None]
     out["blob/psize_A"] = table.pixel_size_angstrom
     out["ctf/exp_group_id"] = np.maximum(table.optics_group - 1, 0)
     out["alignments3D/pose"] = euler_to_pose(table.euler_deg)
