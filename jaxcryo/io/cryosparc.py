@@ -223,7 +223,7 @@ def read_cs(path, *, require_poses: bool = True, require_ctf: bool = False, data
     if present and not has_ctf or require_ctf and not has_ctf:
         missing = ", ".join(repr(f) for f in _CTF_FIELDS if f not in names)
         raise InputError(f"{path}: no field {missing}" + (
-            f" (it has {', '.join(repr(f) for f in present)}); jaxcryo will not drop part of the CTF"
+            f" but has {', '.join(repr(f) for f in present)}; a partial CTF is refused, not dropped"
             if present else "; this step needs the CTF"))
     ctf = {f: (field(f) if has_ctf else np.zeros(n)) for f in _CTF_FIELDS}
     phase_shift = field("ctf/phase_shift_rad") if has_ctf and "ctf/phase_shift_rad" in names else np.zeros(n)
