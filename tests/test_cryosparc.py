@@ -1,6 +1,7 @@
 """cryoSPARC .cs particle files: conventions checked by projection, round trips, the CLI, bad input."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -223,9 +224,12 @@ def test_project_and_condition_take_cs(project, tmp_path, capsys):
     import mrcfile
     with mrcfile.open(tmp_path / "p_cs.mrcs") as f1, mrcfile.open(tmp_path / "p_star.mrcs") as f2:
         assert correlation(np.asarray(f1.data), np.asarray(f2.data)).min() > 0.9999
-    if "condition" in cli.build_parser()._subparsers._group_actions[0].choices:
-        assert cli.main(["condition", str(cs), "--out", str(tmp_path / "cond"), "--max-particles", "16",
-                         "--box", "8"]) == 0
+    reports = []
+    for name, source in (("cs", cs), ("star", root / "particles.star")):
+        assert cli.main(["condition", str(source), "--out", str(tmp_path / name), "--box", "8"]) == 0
+        reports.append(json.loads((tmp_path / name / "condition.json").read_text()))
+    assert reports[0]["with_ctf"] and reports[1]["with_ctf"]
+    np.testing.assert_allclose(reports[0]["kappa"], reports[1]["kappa"], rtol=1e-4)
 
 
 def test_heterogeneous_refinement_takes_the_most_likely_class(tmp_path):
