@@ -363,6 +363,22 @@ def test_bad_cs_one_clear_message_exit_2(kind, words, tmp_path, capsys):
         assert (tmp_path / "pwned").exists()
 
 
+def test_many_fields_beyond_numpys_default_header_limit(tmp_path):
+    """A .cs with hundreds of fields (one group per class) has a >10 kB header; it is read all the same."""
+    fields = _good_fields()
+    for k in range(120):
+        for name in ("pose", "shift", "class_posterior"):
+            fields[f"alignments_class_{k}/{name}"] = np.zeros((4, 3 if name == "pose" else 2 if name == "shift" else 1),
+                                                              "<f4")
+    path = _write_fields(tmp_path / "wide.cs", **fields)
+    with open(path, "rb") as fh:
+        np.lib.format.read_magic(fh)
+        with pytest.raises(ValueError):
+            np.lib.format.read_array_header_1_0(fh)  # NumPy's default limit refuses it
+    table = read_cs(path)
+    np.testing.assert_allclose(table.euler_deg, pose_to_euler(fields["alignments3D/pose"]), atol=1e-9)
+
+
 def test_pose_less_cs_where_poses_are_not_needed(tmp_path):
     fields = _good_fields()
     del fields["alignments3D/pose"], fields["alignments3D/shift"]

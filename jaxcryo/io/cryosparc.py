@@ -39,6 +39,9 @@ __all__ = ["read_cs", "write_cs", "euler_to_pose", "pose_to_euler"]
 
 _CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 _NPY_MAGIC = b"\x93NUMPY"
+# cryoSPARC files with many fields (e.g. one alignments_class_K/* group per class) have .npy headers
+# beyond NumPy's default 10 kB limit; the header is a Python literal, parsed safely either way.
+_MAX_HEADER_BYTES = 1 << 22
 
 
 # --------------------------------------------------------------------------- rotations (numpy only)
@@ -266,7 +269,7 @@ def _load(path: str) -> np.ndarray:
             fh.seek(0)
             version = np.lib.format.read_magic(fh)
             header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)(fh)
+                      else np.lib.format.read_array_header_2_0)(fh, max_header_size=_MAX_HEADER_BYTES)
     except InputError:
         raise
     except (OSError, ValueError) as err:
@@ -284,7 +287,7 @@ def _load(path: str) -> np.ndarray:
     if shape[0] == 0:
         raise InputError(f"{path}: holds no particles")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, max_header_size=_MAX_HEADER_BYTES)
     except (OSError, ValueError, EOFError) as err:
         raise InputError(f"{path}: cannot read as a cryoSPARC .cs file ({type(err).__name__}: {err}); "
                          "truncated?") from None
