@@ -16,7 +16,7 @@ from jaxcryo.forward import FourierGrid, render, volume_to_ft
 from jaxcryo.geometry import euler_to_matrix
 from jaxcryo.io import InputError, make_table, read_map, read_particles, write_map, write_particles, write_stack
 from jaxcryo.io.cryosparc import euler_to_pose, pose_to_euler, read_cs, write_cs
-from jaxcryo.pipeline import open_particles, read_table, table_poses
+from jaxcryo.pipeline import load_particles, open_particles, read_table, table_poses
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
 
 BOX, N, PX = 20, 48, 3.0
@@ -195,21 +195,29 @@ def _moved_cs(root, tmp_path):
     return cs
 
 
-def test_reconstruct_cs_equals_reconstruct_star(project, tmp_path, capsys):
-    """`jaxcryo reconstruct particles.cs --datadir DIR` gives the map of the same particles as STAR."""
+def test_cs_and_star_give_the_same_particles_and_reconstruct_runs(project, tmp_path, capsys):
+    """The driver's input from the .cs equals that from the STAR file (so the maps are the same;
+    reconstruct is deterministic), and `jaxcryo reconstruct particles.cs --datadir DIR` runs."""
     root, *_ = project
     cs = _moved_cs(root, tmp_path)
-    cs_map, star_map = tmp_path / "cs" / "map.mrc", tmp_path / "star" / "map.mrc"
-    cs_map.parent.mkdir(), star_map.parent.mkdir()
-    fast = [*FAST, "--no-halves"]
-    assert cli.main(["reconstruct", str(cs), "--datadir", str(root / "J1" / "extract"), "--out", str(cs_map),
-                     *fast]) == 0
-    assert cli.main(["reconstruct", str(root / "particles.star"), "--out", str(star_map), *fast]) == 0
-    a, _ = read_map(cs_map)
-    b, _ = read_map(star_map)
+    grid = FourierGrid(BOX)
+    parts = []
+    for source, datadir in ((cs, root / "J1" / "extract"), (root / "particles.star", None)):
+        table, stack = open_particles(source, datadir=datadir)
+        with stack:
+            parts.append(load_particles(table, stack, grid))
+    a, b = parts
+    np.testing.assert_allclose(a.data, b.data, atol=2e-5 * np.abs(b.data).max())
+    np.testing.assert_allclose(a.rotations, b.rotations, atol=2e-6)
+    for x, y in zip(a.ctf, b.ctf):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    out = tmp_path / "rec" / "map.mrc"
+    out.parent.mkdir()
+    assert cli.main(["reconstruct", str(cs), "--datadir", str(root / "J1" / "extract"), "--out", str(out),
+                     *FAST, "--no-halves"]) == 0
+    rec, _ = read_map(out)
     truth, _ = read_map(root / "truth.mrc")
-    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
-    assert correlation(a[None], truth[None])[0] > 0.6
+    assert correlation(rec[None], truth[None])[0] > 0.5  # 48 noise-free CTF images, 2 epochs: ~0.64
 
 
 def test_project_and_condition_take_cs(project, tmp_path, capsys):
