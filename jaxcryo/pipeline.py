@@ -26,7 +26,7 @@ from jaxcryo.forward.model import Particles, prepare_particles
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.geometry import euler_to_matrix
 from jaxcryo.io import InputError, ParticleStack, ParticleTable, read_particles
-from jaxcryo.io.cryosparc import read_cs
+from jaxcryo.io.cryosparc import check_stacks, read_cs
 from jaxcryo.io.errors import atomic_output
 from jaxcryo.reconstruct import ReconState
 
@@ -62,6 +62,8 @@ def open_particles(star_path, *, require_poses: bool = True, datadir=None) -> tu
       InputError: naming the file and the problem.
     """
     table = read_table(star_path, require_poses=require_poses, datadir=datadir)
+    if table.star_path.lower().endswith(".cs"):
+        check_stacks(table)
     stack = ParticleStack(table)
     try:
         stack.validate()

@@ -270,7 +270,7 @@ def test_stack_paths_resolve_via_datadir_and_leading_marker(project, tmp_path):
     root, *_ = project
     cs = _moved_cs(root, tmp_path)
     assert read_cs(cs).image_names[0] == "1@J9/extract/particles.mrcs"
-    with pytest.raises(InputError, match="particles.mrcs"):
+    with pytest.raises(InputError, match="row 1, blob/path 'J9/extract/particles.mrcs'.*--datadir"):
         open_particles(cs)
     moved = tmp_path / "elsewhere"
     moved.mkdir()

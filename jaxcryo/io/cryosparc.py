@@ -35,7 +35,7 @@ import numpy as np
 from jaxcryo.io.errors import InputError, atomic_output
 from jaxcryo.io.star import ParticleTable
 
-__all__ = ["read_cs", "write_cs", "euler_to_pose", "pose_to_euler"]
+__all__ = ["read_cs", "write_cs", "check_stacks", "euler_to_pose", "pose_to_euler"]
 
 _CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 _NPY_MAGIC = b"\x93NUMPY"
@@ -252,6 +252,17 @@ def read_cs(path, *, require_poses: bool = True, require_ctf: bool = False, data
         optics_group=groups.astype(np.int64),
         has_ctf=has_ctf,
     )
+
+
+def check_stacks(table: ParticleTable) -> None:
+    """Raise InputError, naming the row, its ``blob/path`` and ``--datadir``, if a stack of a .cs table is missing."""
+    paths, first = np.unique(table.stack_paths, return_index=True)
+    for path, row in zip(paths, first):
+        if not os.path.exists(path):
+            name = table.image_names[row].split("@", 1)[1]
+            raise InputError(f"{table.star_path}: row {table.source_rows[row] + 1}, blob/path {name!r}: no stack "
+                             f"at {path} (nor beside the .cs file or in its project folder); pass --datadir with the "
+                             "folder that holds the stacks")
 
 
 def _load(path: str) -> np.ndarray:
