@@ -53,7 +53,8 @@ def test_simulate_writes_relion_files(sim):
 
 def test_reconstruct_and_fsc_end_to_end(sim, uninterrupted, capsys):
     names = {p.name for p in uninterrupted.iterdir()}
-    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.png", "history.json", "map.ckpt.npz"} <= names
+    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.png", "history.json"} <= names
+    assert "map.ckpt.npz" not in names  # removed after a successful run (no --keep-checkpoint)
     assert not [n for n in names if n.endswith(".tmp")]
     history = json.loads((uninterrupted / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3] and len(history["loss"]) == len(history["seconds"]) == 3
@@ -79,7 +80,8 @@ def test_resumed_run_equals_uninterrupted(sim, uninterrupted, tmp_path, capsys):
     out = tmp_path / "map.mrc"
     star = sim / "particles.star"
     first = [a if a != "3" else "1" for a in FAST]
-    assert run(["reconstruct", star, "--out", out, *first], capsys)[0] == 0
+    assert run(["reconstruct", star, "--out", out, *first, "--keep-checkpoint"], capsys)[0] == 0
+    assert (tmp_path / "map.ckpt.npz").exists()
     assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1]
     # Other settings with --resume: refused, nothing touched.
     code, _, err = run(["reconstruct", star, "--out", out, *FAST, "--resume", "--lam", "0.1"], capsys)
@@ -210,10 +212,106 @@ def test_bad_input_one_clear_message(kind, good, capsys):
     print(f"{kind}: {lines[0]}")
 
 
-def test_missing_output_folder(good, capsys):
-    _, star, _ = good
-    code, _, err = run(["reconstruct", star, "--out", "/nonexistent/folder/map.mrc"], capsys)
-    assert code == 2 and "does not exist" in err
+def test_missing_output_folders_are_created(sim, tmp_path, capsys):
+    """As the README runs: `--out rec/map.mrc`, `--plot`, `--json`, `project --out` into folders not there yet."""
+    star, truth = sim / "particles.star", sim / "truth.mrc"
+    code, _, err = run(["reconstruct", star, "--out", tmp_path / "a" / "b" / "map.mrc", "--epochs", "1",
+                        "--batch-size", "64", "--quiet", "--wiener-after", "0"], capsys)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "a" / "b").iterdir()} == {"map.mrc", "map_half1.mrc", "map_half2.mrc",
+                                                                 "map_fsc.png", "history.json"}
+    code, _, err = run(["fsc", tmp_path / "a" / "b" / "map.mrc", truth, "--plot", tmp_path / "c" / "f.png",
+                        "--json", tmp_path / "d" / "e" / "f.json", "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "c" / "f.png").exists() and (tmp_path / "d" / "e" / "f.json").exists(), err
+    code, _, err = run(["project", truth, "--star", star, "--out", tmp_path / "p" / "proj.mrcs", "--quiet",
+                        "--interpolation", "nearest"], capsys)
+    assert code == 0 and mrcfile.read(tmp_path / "p" / "proj.mrcs").shape == (N, BOX, BOX), err
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "project", "fsc --plot", "fsc --json", "simulate"])
+def test_bad_output_path_refused_before_any_work(command, sim, tmp_path, capsys, monkeypatch):
+    """An output that is an existing folder (or lies under a file) is refused first: exit 2, one line
+    naming the path as the user gave it, nothing written; the (missing) input is never reached."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    missing = tmp_path / "missing.star"  # would be an input error, were the output not checked first
+    argv = {"reconstruct": ["reconstruct", missing, "--out", "{}"],
+            "project": ["project", sim / "truth.mrc", "--star", missing, "--out", "{}"],
+            "fsc --plot": ["fsc", missing, missing, "--plot", "{}"],
+            "fsc --json": ["fsc", missing, missing, "--plot", "", "--json", "{}"],
+            "simulate": ["simulate", "--out", "{}", "--n-images", "4", "--box", "8", "--volume", missing]}[command]
+    bad = ["afile", "afile/sub/out.mrc"] if command == "simulate" else ["taken", "afile/sub/out.mrc"]
+    for given in bad:
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        code, out, err = run([given if a == "{}" else a for a in argv], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"jaxcryo {command.split()[0]}: error: {given}: "), lines[0]
+        assert "missing.star" not in err and ".tmp" not in err
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written or created
+
+
+def test_sigterm_while_writing_leaves_no_temporary(sim, tmp_path):
+    """SIGTERM arriving while the checkpoint is being written: the CLI stops with status 143 and
+    removes the half-written temporary (the old checkpoint, if any, stays intact)."""
+    import signal
+    import time
+
+    script = (
+        "import sys, time, numpy as np\n"
+        "real = np.savez\n"
+        "def slow(fh, **arrays):\n"
+        "    fh.write(b'half a checkpoint'); fh.flush()\n"
+        "    print('WRITING', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    real(fh, **arrays)\n"
+        "np.savez = slow\n"
+        "from jaxcryo import cli\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script, "reconstruct", str(sim / "particles.star"), "--out",
+                             str(tmp_path / "map.mrc"), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # mid-write: the temporary is there
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_map(sim, uninterrupted, tmp_path, capsys):
+    """kill -9 after the first checkpoint; the same command again resumes and ends with the
+    uninterrupted run's map."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    argv = ["reconstruct", str(sim / "particles.star"), "--out", str(tmp_path / "map.mrc"), *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxcryo.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt = tmp_path / "map.ckpt.npz"
+    try:
+        deadline = time.time() + 240
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and ckpt.exists()
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "resuming" in err, err
+    for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc"):
+        a, b = mrcfile.read(tmp_path / name), mrcfile.read(uninterrupted / name)
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
+    assert not ckpt.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_unknown_option_value_exits_2(good, capsys):
@@ -282,7 +380,8 @@ def test_streaming_reconstructs_and_resumes(sim, uninterrupted, tmp_path, capsys
     assert fsc(mrcfile.read(whole / "map.mrc"), truth)[1:BOX // 2 - 1].mean() > 0.5
 
     first = [a if a != "3" else "1" for a in FAST]
-    assert run(["reconstruct", star, "--out", parts / "map.mrc", *first, *stream], capsys)[0] == 0
+    assert run(["reconstruct", star, "--out", parts / "map.mrc", *first, *stream, "--keep-checkpoint"],
+               capsys)[0] == 0
     # Rerunning the same command without --stream or --resume picks the streamed checkpoint up.
     code, _, err = run(["reconstruct", star, "--out", parts / "map.mrc", *FAST, "--chunk-size", "100"], capsys)
     assert code == 0 and "resuming" in err
