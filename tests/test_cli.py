@@ -421,3 +421,97 @@ def test_two_processes_write_the_map_of_one(sim, tmp_path):
     h1 = json.loads((one / "history.json").read_text())
     h2 = json.loads((two / "history.json").read_text())
     np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=2e-6)
+
+
+def _star_variant(sim, folder, name, *, drop_optics=(), drop_particles=(), rows=24):
+    """sim's particles.star (first ``rows``) with some columns removed, beside copies of its files."""
+    table = starfile.read(sim / "particles.star")
+    table["optics"] = table["optics"].drop(columns=list(drop_optics))
+    table["particles"] = table["particles"].iloc[:rows].drop(columns=list(drop_particles))
+    for f in ("particles.mrcs", "truth.mrc"):
+        if not (folder / f).exists():
+            shutil.copy(sim / f, folder / f)
+    starfile.write(table, folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("dropped", [("rlnAmplitudeContrast",), ("rlnDefocusV", "rlnDefocusAngle")])
+def test_missing_ctf_column_projects_as_relion_project(dropped, sim, tmp_path, capsys):
+    """A STAR with a CTF column missing that RELION accepts: jaxcryo uses RELION's default (saying so in
+    one note) and its projections match relion_project --ctf's image by image."""
+    if shutil.which("relion_project") is None:
+        pytest.skip("relion_project not installed")
+    optics = [c for c in dropped if c == "rlnAmplitudeContrast"]
+    star = _star_variant(sim, tmp_path, "poses.star", drop_optics=optics,
+                         drop_particles=[c for c in dropped if c not in optics])
+    code, _, err = run(["project", tmp_path / "truth.mrc", "--star", star, "--out", tmp_path / "ours.mrcs",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "RELION's default" in line]
+    assert len(notes) == 1 and all(c in notes[0] for c in dropped), err
+    subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", "poses.star", "--o", "relion", "--ctf"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    ours, theirs = mrcfile.read(tmp_path / "ours.mrcs"), mrcfile.read(tmp_path / "relion.mrcs")
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, theirs)]
+    assert min(corr) > 0.99, corr
+    # And the default matters: with the CTF columns of the full file the images differ.
+    full = _star_variant(sim, tmp_path, "full.star")
+    assert run(["project", tmp_path / "truth.mrc", "--star", full, "--out", tmp_path / "full.mrcs", "--quiet"],
+               capsys)[0] == 0
+    other = mrcfile.read(tmp_path / "full.mrcs")
+    assert np.abs(other - ours).max() > 0.05 * np.abs(ours).max()
+
+
+def test_missing_voltage_stops_naming_the_column(sim, tmp_path, capsys):
+    star = _star_variant(sim, tmp_path, "novolt.star", drop_optics=["rlnVoltage"])
+    for argv in (["project", tmp_path / "truth.mrc", "--star", star, "--out", tmp_path / "p.mrcs"],
+                 ["reconstruct", star, "--out", tmp_path / "m.mrc"], ["condition", star, "--out", tmp_path / "c"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "novolt.star" in err and "rlnVoltage" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["novolt.star", "particles.mrcs", "truth.mrc"]
+
+
+def test_pose_only_star_for_project_and_condition(sim, tmp_path, capsys):
+    """project and condition read no images: a STAR without rlnImageName (relion_project --ang's input) works,
+    and gives what the full STAR gives; reconstruct refuses it, naming the column."""
+    full = _star_variant(sim, tmp_path, "full.star")
+    poses = _star_variant(sim, tmp_path, "poses.star", drop_particles=["rlnImageName"])
+    for name in ("full", "poses"):
+        code, _, err = run(["project", tmp_path / "truth.mrc", "--star", tmp_path / f"{name}.star", "--out",
+                            tmp_path / f"{name}.mrcs", "--quiet", "--interpolation", "nearest"], capsys)
+        assert code == 0, err
+    np.testing.assert_array_equal(mrcfile.read(tmp_path / "poses.mrcs"), mrcfile.read(tmp_path / "full.mrcs"))
+    for name in ("full", "poses"):
+        code, _, err = run(["condition", tmp_path / f"{name}.star", "--out", tmp_path / f"c_{name}"], capsys)
+        assert code == 0, err
+    a = json.loads((tmp_path / "c_full" / "condition.json").read_text())
+    b = json.loads((tmp_path / "c_poses" / "condition.json").read_text())
+    assert a["kappa"] == b["kappa"]
+    code, _, err = run(["reconstruct", poses, "--out", tmp_path / "m.mrc"], capsys)
+    assert code == 2 and "poses.star" in err and "rlnImageName" in err
+
+
+def test_condition_input_problems_are_clear_errors(sim, tmp_path, capsys):
+    star = _star_variant(sim, tmp_path, "p.star")
+    nobox = _star_variant(sim, tmp_path, "nobox.star", drop_optics=["rlnImageSize"])
+    (tmp_path / "afile").write_text("x")
+    cases = [(["condition", tmp_path / "none.star"], "none.star: file not found"),
+             (["condition", star, "--box", "2"], "--box must be at least 4"),
+             (["condition", star, "--probes", "-1"], "--probes must be at least 0"),
+             (["condition", nobox], "nobox.star: no rlnImageSize"),
+             (["condition", star, "--out", tmp_path / "afile"], "afile: exists and is not a folder")]
+    for argv, message in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("jaxcryo condition: error: ") and message in err and "JAXCRYO_DEBUG" not in err, err
+
+
+def test_ragged_star_names_file_line_and_block(sim, tmp_path, capsys):
+    lines = (sim / "particles.star").read_text().splitlines()
+    last = len(lines) - 1 - [i for i, line in enumerate(reversed(lines)) if line.strip()][0]
+    lines[last - 3] = " ".join(lines[last - 3].split()[:-2])  # a row two fields short, near the end
+    (tmp_path / "ragged.star").write_text("\n".join(lines) + "\n")
+    shutil.copy(sim / "particles.mrcs", tmp_path / "particles.mrcs")
+    code, _, err = run(["reconstruct", tmp_path / "ragged.star", "--out", tmp_path / "m.mrc"], capsys)
+    assert code == 2 and f"ragged.star: line {last - 3 + 1} (data_particles): " in err, err
