@@ -186,3 +186,20 @@ def test_crafted_checkpoints_cannot_run_code(tmp_path):
     with pytest.raises(InputError, match="arrays, these settings need"):
         load_checkpoint(good, state_template(method="sgd", box=8, groups=2))  # other settings: other tree
     load_checkpoint(good, template)  # the genuine one still loads
+
+
+def test_state_template_matches_what_reconstruct_builds(rng, halves=True):
+    """A checkpoint of a real run loads into the tree rebuilt from its settings (guards against
+    reconstruct() growing state that state_template does not know)."""
+    import jaxcryo as jc
+    from conftest import make_particles, make_problem
+
+    problem = make_problem(box=8)
+    particles = make_particles(rng, problem, 12)
+    rec = jc.reconstruct(particles, box=8, pixel_size_angstrom=3.0, method="psgd", epochs=1, batch_size=6,
+                         halves=halves, wiener_after=0, devices=1)
+    template = state_template(method="psgd", box=8, groups=2 if halves else 1)
+    real = (rec.state.params, rec.state.opt_state, rec.state.key)
+    assert jax.tree.structure(template) == jax.tree.structure(real)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(template)] == \
+        [(np.shape(b), np.asarray(b).dtype) for b in jax.tree.leaves(real)]
