@@ -402,7 +402,8 @@ def _reconstruct(args) -> int:
                   ckpt)
     t_start = time.perf_counter()
     table, stack = open_particles(args.star)
-    _print_notes(args, table)
+    if lead:
+        _print_notes(args, table)
     with stack:
         note = stack.pixel_size_note()
         if note:
