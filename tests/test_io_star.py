@@ -395,3 +395,18 @@ def test_failed_write_leaves_no_temp_file_and_keeps_old(tmp_path):
     with pytest.raises(InputError, match="p.star: optics group 1 has several pixel_size_angstrom"):
         write_particles(target, conflicting)
     assert os.listdir(tmp_path) == ["p.star"] and target.read_text() == "old"
+
+
+def test_ctf_values_that_would_give_nan_are_refused(tmp_path):
+    ctf = {"rlnDefocusU": [12000, 15000]}
+    for optics, message in (({"rlnVoltage": -300, "rlnSphericalAberration": 2.7}, r"rlnVoltage = -300 .* must be > 0"),
+                            ({"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 1.5},
+                             r"rlnAmplitudeContrast = 1.5 \(optics group 1, particle row 1\) must be between 0 and 1")):
+        with pytest.raises(InputError, match=f"ctf.star: {message}"):
+            read_particles(_ctf_star(tmp_path, optics, ctf))
+
+
+def test_pose_only_reading_names_what_it_looked_for(tmp_path):
+    star = _write(tmp_path, OPTICS_1, name="optics_only.star")
+    with pytest.raises(InputError, match=r"optics_only.star: no particle table \(a block with rlnImageName or rlnAngle"):
+        read_particles(star, require_images=False)

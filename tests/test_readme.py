@@ -117,6 +117,7 @@ def test_parser_finds_blocks_comments_continuations_and_markers():
     assert skip_markers(text) == [("jaxcryo reconstruct x.star --coordinator", "needs two hosts")]
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs(tmp_path):
     with open(README, encoding="utf-8") as fh:
         text = fh.read()

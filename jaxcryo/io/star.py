@@ -325,6 +325,16 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
         value = columns.optics(column)
         return np.full(n, _CTF_DEFAULTS.get(column, 0.0)) if value is None else value
 
+    if has_ctf:  # values that would make the CTF NaN or meaningless (RELION refuses them too)
+        for column, ok, rule in (("rlnVoltage", lambda v: v > 0, "must be > 0 (kV)"),
+                                 ("rlnAmplitudeContrast", lambda v: (v >= 0) & (v <= 1), "must be between 0 and 1")):
+            values = optics_or_default(column)
+            bad = ~ok(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise InputError(f"{path}: {column} = {values[row]:g} (optics group {columns.groups[row]}, particle "
+                                 f"row {row + 1}) {rule}")
+
     box = columns.optics("rlnImageSize")
     if box is not None:
         if np.any(box != np.round(box)) or np.any(box < 1):
@@ -439,7 +449,8 @@ def _find_particle_block(path: str, blocks: dict[str, pd.DataFrame],
         if name in _PARTICLE_BLOCKS:
             raise InputError(f"{path}: data_{name} has no rlnImageName column")
     found = ", ".join(f"data_{b}" for b in blocks)
-    raise InputError(f"{path}: no particle table (a block with rlnImageName); found {found}")
+    wanted = "rlnImageName" if require_images else "rlnImageName or rlnAngleRot/Tilt/Psi"
+    raise InputError(f"{path}: no particle table (a block with {wanted}); found {found}")
 
 
 class _Columns:
