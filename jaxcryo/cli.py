@@ -129,16 +129,39 @@ def _say(args, text: str) -> None:
         print(text)
 
 
-def _check_output_folder(path: str) -> str:
-    from jaxcryo.io import InputError
+def check_outputs(*paths: str, folder: bool = False) -> list[str]:
+    """Pre-flight check of a command's output paths, before any work: each must be writable
+    (missing folders are created later by :func:`make_outputs`); an existing folder given as a
+    file, or an unwritable place, is an InputError naming the path as given. Returns them absolute."""
+    from jaxcryo.io import check_output_path
 
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise InputError(f"{path}: cannot write, folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write, folder {folder} is not writable")
-    return path
+    return [check_output_path(p, folder=folder) for p in paths]
+
+
+def make_outputs(*paths: str, folder: bool = False) -> None:
+    """Create the missing folders of checked output paths, once the inputs are known good."""
+    from jaxcryo.io import make_output_folder
+
+    for p in paths:
+        make_output_folder(p, folder=folder)
+
+
+def _check_output_folder(path: str) -> str:
+    return check_outputs(path)[0]
+
+
+def remove_file(path: str) -> None:
+    """Remove ``path`` if it is there (a finished run's checkpoint)."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _print_notes(args, table) -> None:
+    """The STAR reader's one-line notes (CTF defaults used, columns ignored) on stderr."""
+    for text in getattr(table, "notes", ()):
+        _note(args, text)
 
 
 def _map_root(path: str) -> str:
@@ -195,10 +218,7 @@ def _simulate(args) -> int:
     import jaxcryo as jc
     from jaxcryo.io import make_table, read_map, write_map, write_particles, write_stack
 
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        from jaxcryo.io import InputError
-        raise InputError(f"{out}: exists and is not a folder")
+    out = check_outputs(args.out, folder=True)[0]
     if args.volume:
         volume, header_px = read_map(args.volume)
         box = volume.shape[0]
@@ -215,7 +235,7 @@ def _simulate(args) -> int:
         box, px = args.box, args.pixel_size
         volume = jc.synthetic_molecule(box, pixel_size_angstrom=px, seed=args.seed)
         source = f"the built-in synthetic molecule ({box}^3, {px:g} Å/px)"
-    os.makedirs(out, exist_ok=True)
+    make_outputs(out, folder=True)
     _say(args, f"jaxcryo simulate: {args.n_images} particles of {source}, SNR {args.snr:g}, random poses, "
                f"CTF and shifts")
     t0 = time.perf_counter()
@@ -260,7 +280,8 @@ def _project(args) -> int:
 
     out = _check_output_folder(args.out)
     volume, header_px = read_map(args.map)
-    table = read_table(args.star)
+    table = read_table(args.star, require_images=False)  # poses and CTF only, as relion_project --ang
+    _print_notes(args, table)
     box = volume.shape[0]
     star_box = table.box_size[table.box_size > 0]
     if len(star_box) and np.any(star_box != box):
@@ -273,7 +294,7 @@ def _project(args) -> int:
         _note(args, f"{os.path.basename(args.map)} header says {header_px:.2f} Å/px; using the STAR's {px:.2f} Å/px")
     with_ctf = not args.no_ctf
     if with_ctf and not table.has_ctf:
-        _note(args, f"{args.star} has no CTF columns; projecting without CTF")
+        _note(args, f"{args.star} has no defocus (rlnDefocusU); projecting without CTF")
     interpolation = args.interpolation if args.interpolation != "auto" else _default_interpolation()
     grid = FourierGrid(box, box // 2 if interpolation == "nufft" else None)
     vft = volume_to_ft(jnp.asarray(volume), interpolation)
@@ -286,6 +307,7 @@ def _project(args) -> int:
         rotations, shifts_px, ctf = table_poses(table, rows, with_ctf=with_ctf)
         ctf = None if ctf is None else CTFParams(*(jnp.asarray(f) for f in ctf))
         images[rows] = np.asarray(draw(jnp.asarray(rotations), jnp.asarray(shifts_px), ctf))
+    make_outputs(out)
     write_stack(out, images, pixel_size_angstrom=px)
     _say(args, f"jaxcryo project: wrote {n} {'CTF-modulated ' if with_ctf and table.has_ctf else ''}projections "
                f"({box} px, {px:g} Å/px, {interpolation}) to {out}")
@@ -301,6 +323,7 @@ def _fsc(args) -> int:
     from jaxcryo.io import InputError, read_map
 
     plot = _check_output_folder(args.plot) if args.plot else None
+    json_out = _check_output_folder(args.json) if args.json else None
     a, px_a = read_map(args.map_a)
     b, px_b = read_map(args.map_b)
     if a.shape != b.shape:
@@ -324,9 +347,11 @@ def _fsc(args) -> int:
             res = f"{r['resolution_angstrom']:.2f}" if r["resolution_angstrom"] else "inf"
             print(f"{r['shell']:>5} {r['frequency_per_angstrom']:>8.4f} {res:>8} {r['fsc']:>7.3f}")
     if plot:
+        make_outputs(plot)
         _plot_fsc(curve, px, plot, f"{os.path.basename(args.map_a)} vs {os.path.basename(args.map_b)}")
-    if args.json:
-        _write_json(_check_output_folder(args.json), {"pixel_size_angstrom": px, "resolution_fsc_0.5": res05,
+    if json_out:
+        make_outputs(json_out)
+        _write_json(json_out, {"pixel_size_angstrom": px, "resolution_fsc_0.5": res05,
                                                       "resolution_fsc_0.143": res0143, "curve": rows})
     print(f"resolution: {res05:.2f} Å at FSC 0.5, {res0143:.2f} Å at FSC 0.143 ({a.shape[0]} px, {px:g} Å/px)"
           + (f"; plot {plot}" if plot else ""))
@@ -354,9 +379,9 @@ def _reconstruct(args) -> int:
     from jaxcryo.forward import FourierGrid
     from jaxcryo.fsc import resolution
     from jaxcryo.io import InputError, ParticleStack, write_map
-    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
-                                  load_particles, open_particles, plan_memory, plan_streaming_bytes,
-                                  reconstruct_streaming, save_checkpoint)
+    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
+                                  load_checkpoint, load_particles, open_particles, plan_memory,
+                                  plan_streaming_bytes, reconstruct_streaming, save_checkpoint, state_template)
 
     import jax
 
@@ -373,8 +398,12 @@ def _reconstruct(args) -> int:
     root = _map_root(out)
     folder = os.path.dirname(out)
     ckpt = checkpoint_path(out)
+    check_outputs(f"{root}_half1.mrc", f"{root}_half2.mrc", f"{root}_fsc.png", os.path.join(folder, "history.json"),
+                  ckpt)
     t_start = time.perf_counter()
     table, stack = open_particles(args.star, datadir=args.datadir)
+    if lead:
+        _print_notes(args, table)
     with stack:
         note = stack.pixel_size_note()
         if note:
@@ -384,7 +413,7 @@ def _reconstruct(args) -> int:
         if halves and n < 2:
             raise InputError(f"{args.star}: {n} particle; half-maps need at least 2 (or pass --no-halves)")
         if not table.has_ctf:
-            _note(args, f"{args.star} has no CTF columns; reconstructing without CTF")
+            _note(args, f"{args.star} has no defocus (rlnDefocusU); reconstructing without CTF")
         grid = FourierGrid(box)
         groups = 2 if halves else 1
         plan = plan_memory(n, box, groups=groups, chunk_size=args.chunk_size)
@@ -394,7 +423,7 @@ def _reconstruct(args) -> int:
         settings = _settings_fingerprint(args, table, box, px, "memory")
         saved = state = None
         if os.path.exists(ckpt):
-            state, saved = load_checkpoint(ckpt)
+            saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
         # A checkpoint made streaming keeps streaming (its minibatches are drawn within chunks).
         stream = args.stream or plan.in_memory_bytes > limit or (
             saved is not None and saved.get("mode") == f"stream {args.chunk_size}"
@@ -419,8 +448,9 @@ def _reconstruct(args) -> int:
         resume = None
         if saved is not None:
             if saved == settings:
-                resume = state
-                _note(args, f"resuming from {ckpt} at epoch {state.epoch}")
+                template = state_template(method=args.method, box=box, groups=2 if halves else 1)
+                resume, _ = load_checkpoint(ckpt, template)
+                _note(args, f"resuming from {ckpt} at epoch {resume.epoch}")
             elif args.resume:
                 diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
                 raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
@@ -435,6 +465,8 @@ def _reconstruct(args) -> int:
         if stream and args.method == "psgd-exact":
             raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 
+        if lead:
+            make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         start_epoch = 0 if resume is None else resume.epoch
         epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="epochs", unit="epoch",
                           disable=args.quiet, leave=False, position=0)
@@ -503,6 +535,10 @@ def _reconstruct(args) -> int:
         history.update(fsc=None, resolution_angstrom=None, resolution_fsc_0_5_angstrom=None)
     _write_json(os.path.join(folder, "history.json"), history)
     written.append("history.json")
+    if args.keep_checkpoint:
+        written.append(os.path.basename(ckpt))
+    else:  # the run is done; the checkpoint (several times the map's size) only matters to extend it
+        remove_file(ckpt)
     loss = rec.history["loss"][-1] if rec.history["loss"] else float("nan")
     res = f"half-map resolution {rec.resolution_angstrom:.2f} Å (FSC 0.143)" if halves else "no half-maps"
     print(f"jaxcryo reconstruct: {n} particles, {rec.state.epoch} epochs {args.method}, loss {loss:.5g}, {res}, "
@@ -578,8 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reconstruct a map from a RELION particle STAR file with known poses (rlnAngleRot/Tilt/Psi,\n"
                     "rlnOriginX/YAngst, CTF) by preconditioned stochastic gradients, as two independent\n"
                     "half-sets. Writes MAP.mrc (mean of the halves), MAP_half1.mrc, MAP_half2.mrc,\n"
-                    "MAP_fsc.png and history.json beside MAP, and a checkpoint MAP.ckpt.npz after every\n"
-                    "epoch: rerunning the same command (or --resume) continues a killed run.")
+                    "MAP_fsc.png and history.json beside MAP (missing folders are created), and a checkpoint\n"
+                    "MAP.ckpt.npz after every epoch: rerunning the same command (or --resume) continues a\n"
+                    "killed run; it is removed after a successful run unless --keep-checkpoint.")
     rec.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file with poses, "
                      "or a cryoSPARC particles .cs file (alignments3D poses)")
     rec.add_argument("--datadir", default=None, metavar="DIR",
@@ -613,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resume", action="store_true",
                      help="continue from MAP.ckpt.npz; an error if it is missing or was made with other settings "
                           "(without --resume, a matching checkpoint is used anyway)")
+    rec.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep MAP.ckpt.npz after a successful run (to extend it later with a larger --epochs); "
+                          "by default it is removed once the maps are written")
     rec.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                      help="refuse to start when the run needs more memory than this (GiB; default: 80%% of "
                           "the memory available at start)")
@@ -649,12 +689,39 @@ def _add_condition(sub) -> None:
     add_condition_command(sub)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's kill, `timeout`): raised in the main thread so every output
+    being written is cleaned up (atomic writes remove their temporary) before the process exits."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    from jaxcryo.io import InputError
+    import signal
+    import threading
 
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    """Run a parsed command: every failure is one line on stderr and an exit status."""
+    from jaxcryo.io import InputError
+
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"jaxcryo {args.command}: terminated (SIGTERM); no partial output left", file=sys.stderr)
+        return 128 + 15
     except InputError as err:
         print(f"jaxcryo {args.command}: error: {err}", file=sys.stderr)
         return 2

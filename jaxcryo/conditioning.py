@@ -34,6 +34,7 @@ from jaxcryo.forward.ctf import CTFParams, make_ctf_params
 from jaxcryo.forward.model import Particles
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.geometry import euler_to_matrix, random_rotations, shell_index
+from jaxcryo.io.errors import InputError
 from jaxcryo.loss import Problem, sum_over_batches, value_grad_hvp
 
 # --------------------------------------------------------------------------- the bound
@@ -431,7 +432,7 @@ def particles_from_table(table, box: int | None = None, *, with_ctf: bool = True
     star_box = int(table.box_size[0]) if len(table) and table.box_size[0] > 0 else None
     if box is None:
         if star_box is None:
-            raise ValueError(f"{table.star_path}: no rlnImageSize in the optics table; pass --box")
+            raise InputError(f"{table.star_path}: no rlnImageSize in the optics table; pass --box")
         box = star_box
     pixel = np.asarray(table.pixel_size_angstrom, np.float64)
     if star_box is not None and star_box != box:
@@ -449,21 +450,30 @@ def particles_from_table(table, box: int | None = None, *, with_ctf: bool = True
 
 def run_condition(args) -> int:
     """``jaxcryo condition``: read poses, compute kappa per shell, print it, write JSON and PNG."""
+    from jaxcryo.io import check_output_path, make_output_folder
     from jaxcryo.pipeline import read_table
-    table = read_table(args.particles, require_poses=True)
+    from jaxcryo.io.errors import atomic_output
+
+    check_output_path(args.out, folder=True)
+    for option, value, least in (("--box", args.box, 4), ("--probes", args.probes, 0),
+                                 ("--max-particles", args.max_particles, 1)):
+        if value is not None and value < least:
+            raise InputError(f"{option} must be at least {least}, got {value}")
+    # Poses and CTF only (the Hessian needs no images): pose-only STAR files are fine.
+    table = read_table(args.particles, require_poses=True, require_images=False)
+    for note in table.notes:
+        print(f"jaxcryo condition: note: {note}", file=sys.stderr)
     if args.max_particles and len(table) > args.max_particles:
         pick = np.sort(np.random.default_rng(0).choice(len(table), args.max_particles, replace=False))
         table = table.subset(pick)
-    if args.box is not None and args.box < 4:
-        raise ValueError(f"--box must be at least 4, got {args.box}")
     particles, box = particles_from_table(table, args.box, with_ctf=not args.no_ctf)
     report = conditioning_report(particles, box, interpolation=args.interpolation, lam=args.lam,
                                  n_probes=args.probes)
     report["star"] = os.path.abspath(args.particles)
-    os.makedirs(args.out, exist_ok=True)
+    make_output_folder(args.out, folder=True)
     json_path = os.path.join(args.out, "condition.json")
     png_path = os.path.join(args.out, "condition.png")
-    with open(json_path, "w") as f:
+    with atomic_output(json_path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     label = f"{os.path.basename(args.particles)} ({'CTF' if report['with_ctf'] else 'no CTF'})"
     plot_reports({label: report}, png_path,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 from typing import Any, Callable, Iterator
 
 import jax
@@ -31,24 +30,26 @@ from jaxcryo.io.errors import atomic_output
 from jaxcryo.reconstruct import ReconState
 
 GIB = 1024 ** 3
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: arrays + JSON only (1 pickled the tree structure)
 
 __all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
-           "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint",
+           "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
+           "state_template",
            "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
 
 
 # ----------------------------------------------------------------------------- particles
 
 
-def read_table(path, *, require_poses: bool = True, datadir=None) -> ParticleTable:
+def read_table(path, *, require_poses: bool = True, require_images: bool = True, datadir=None) -> ParticleTable:
     """A ParticleTable from a cryoSPARC ``.cs`` file (by its suffix) or a RELION STAR file.
 
+    ``require_images``: False for pose-only STAR files (commands that read no image).
     ``datadir``: where a .cs file's stacks are, when its ``blob/path`` does not resolve.
     """
     if os.fspath(path).lower().endswith(".cs"):
         return read_cs(path, require_poses=require_poses, datadir=datadir)
-    return read_particles(path, require_poses=require_poses)
+    return read_particles(path, require_poses=require_poses, require_images=require_images)
 
 
 def open_particles(star_path, *, require_poses: bool = True, datadir=None) -> tuple[ParticleTable, ParticleStack]:
@@ -211,47 +212,120 @@ def checkpoint_path(map_path) -> str:
     return root + ".ckpt.npz"
 
 
+def state_template(*, method: str, box: int, groups: int = 2, r_max: int | None = None, dtype=np.float32):
+    """Shapes and dtypes (jax.ShapeDtypeStruct) of a run's (params, opt_state, key), built from its
+    settings exactly as :func:`~jaxcryo.reconstruct.reconstruct` builds them; nothing is allocated.
+
+    This is how a checkpoint's tree structure is rebuilt: a checkpoint stores only arrays and JSON.
+    """
+    from jaxcryo.loss import Problem
+    from jaxcryo.reconstruct import make_optimizer
+
+    grid = FourierGrid(box, r_max)
+    tx = make_optimizer(method, box=box, r_max=grid.radius)
+
+    def build():
+        params = jnp.stack([Problem(grid=grid).zeros(dtype)] * groups)
+        return params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), groups)
+
+    return jax.eval_shape(build)
+
+
 def save_checkpoint(path, state: ReconState, settings: dict) -> None:
     """Write a ReconState and the run's settings to ``path`` (.npz), atomically.
 
-    The pytree (parameters, optimizer state, PRNG keys) is stored as its numpy leaves plus its
-    pickled tree structure; the history and settings as JSON. A reader sees the old file or
-    the new one, never half of one.
+    Only data: the numeric leaves of (parameters, optimizer state, PRNG keys) as plain arrays,
+    and the epoch, history, settings and each leaf's shape and dtype as JSON. No pickle: the tree
+    structure is rebuilt from the settings on load (:func:`state_template`), so a checkpoint
+    planted in a shared folder cannot run code. A reader sees the old file or the new one, never
+    half of one; a write interrupted (SIGTERM through the CLI, an exception) leaves no temporary.
     """
-    leaves, treedef = jax.tree.flatten((state.params, state.opt_state, state.key))
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves((state.params, state.opt_state, state.key))]
     history = {k: list(v) for k, v in state.history.items() if isinstance(v, list)}
-    meta = {"version": CHECKPOINT_VERSION, "epoch": int(state.epoch), "history": history, "settings": settings}
-    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    arrays["treedef"] = np.frombuffer(pickle.dumps(treedef), np.uint8)
+    meta = {"version": CHECKPOINT_VERSION, "epoch": int(state.epoch), "history": history, "settings": settings,
+            "leaves": [{"shape": list(x.shape), "dtype": x.dtype.str} for x in leaves]}
+    arrays = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
 
-def load_checkpoint(path) -> tuple[ReconState, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint` -> (ReconState, settings).
+def checkpoint_settings(path) -> dict:
+    """The settings a checkpoint was made with (its JSON only; no array is read).
 
     Raises:
-      InputError: unreadable or from another checkpoint version.
+      InputError: missing, unreadable, or from another checkpoint version.
+    """
+    return _checkpoint_meta(os.fspath(path))[0]["settings"]
+
+
+def load_checkpoint(path, template) -> tuple[ReconState, dict]:
+    """Read a checkpoint written by :func:`save_checkpoint` -> (ReconState, settings).
+
+    Args:
+      path: the .npz file.
+      template: the (params, opt_state, key) pytree the state must have (arrays or
+        ``jax.ShapeDtypeStruct``, e.g. from :func:`state_template`); the stored leaves are put
+        into its tree structure after checking their number, shapes and dtypes.
+
+    Raises:
+      InputError: missing, unreadable, another version, or leaves that do not fit ``template``
+        (a checkpoint of other settings, or a crafted file); never runs code from the file.
     """
     path = os.fspath(path)
+    meta, z = _checkpoint_meta(path, keep_open=True)
+    with z:
+        leaves_meta = meta.get("leaves")
+        shapes, treedef = jax.tree.flatten(template)
+        if not isinstance(leaves_meta, list) or len(leaves_meta) != len(shapes):
+            raise InputError(f"{path}: checkpoint holds {len(leaves_meta) if isinstance(leaves_meta, list) else 'no'}"
+                             f" arrays, these settings need {len(shapes)}; delete it to start afresh")
+        leaves = []
+        for i, want in enumerate(shapes):
+            name = f"leaf_{i:05d}"
+            try:
+                x = z[name]
+            except Exception as err:
+                raise InputError(f"{path}: unreadable checkpoint array {name} ({type(err).__name__}: {err}); "
+                                 "delete it to start afresh") from None
+            if x.shape != tuple(want.shape) or x.dtype != np.dtype(want.dtype):
+                raise InputError(f"{path}: checkpoint array {name} is {x.dtype}{list(x.shape)}, these settings "
+                                 f"need {np.dtype(want.dtype)}{list(want.shape)}; delete it to start afresh")
+            leaves.append(jnp.asarray(x))
+    params, opt_state, key = jax.tree.unflatten(treedef, leaves)
+    state = ReconState(int(meta["epoch"]), params, opt_state, key, meta["history"])
+    return state, meta["settings"]
+
+
+def _checkpoint_meta(path: str, keep_open: bool = False):
+    """(meta dict, open NpzFile or None); every failure is an InputError naming ``path``."""
+    z = None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            treedef = pickle.loads(bytes(z["treedef"]))
-            leaves = [z[f"leaf_{i:05d}"] for i in range(treedef.num_leaves)]
+        z = np.load(path, allow_pickle=False)  # object arrays (pickles) are refused by numpy itself
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        meta = json.loads(bytes(z["meta"]).decode())
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
     except FileNotFoundError:
         raise InputError(f"{path}: no checkpoint to resume from") from None
     except Exception as err:
+        if z is not None and hasattr(z, "close"):
+            z.close()
         raise InputError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); "
                          "delete it to start afresh") from None
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise InputError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}; "
-                         "delete it to start afresh")
-    params, opt_state, key = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
-    state = ReconState(meta["epoch"], params, opt_state, key, meta["history"])
-    return state, meta["settings"]
+    problems = [k for k, kind in (("epoch", int), ("history", dict), ("settings", dict))
+                if not isinstance(meta.get(k), kind)]
+    if meta.get("version") != CHECKPOINT_VERSION or problems:
+        z.close()
+        what = f"version {meta.get('version')} is not {CHECKPOINT_VERSION}" if not problems else \
+            f"metadata lacks {', '.join(problems)}"
+        raise InputError(f"{path}: checkpoint {what}; delete it to start afresh")
+    if not keep_open:
+        z.close()
+        z = None
+    return meta, z
 
 
 # ----------------------------------------------------------------------------- streaming

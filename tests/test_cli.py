@@ -53,7 +53,8 @@ def test_simulate_writes_relion_files(sim):
 
 def test_reconstruct_and_fsc_end_to_end(sim, uninterrupted, capsys):
     names = {p.name for p in uninterrupted.iterdir()}
-    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.png", "history.json", "map.ckpt.npz"} <= names
+    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.png", "history.json"} <= names
+    assert "map.ckpt.npz" not in names  # removed after a successful run (no --keep-checkpoint)
     assert not [n for n in names if n.endswith(".tmp")]
     history = json.loads((uninterrupted / "history.json").read_text())
     assert history["epoch"] == [1, 2, 3] and len(history["loss"]) == len(history["seconds"]) == 3
@@ -79,7 +80,8 @@ def test_resumed_run_equals_uninterrupted(sim, uninterrupted, tmp_path, capsys):
     out = tmp_path / "map.mrc"
     star = sim / "particles.star"
     first = [a if a != "3" else "1" for a in FAST]
-    assert run(["reconstruct", star, "--out", out, *first], capsys)[0] == 0
+    assert run(["reconstruct", star, "--out", out, *first, "--keep-checkpoint"], capsys)[0] == 0
+    assert (tmp_path / "map.ckpt.npz").exists()
     assert json.loads((tmp_path / "history.json").read_text())["epoch"] == [1]
     # Other settings with --resume: refused, nothing touched.
     code, _, err = run(["reconstruct", star, "--out", out, *FAST, "--resume", "--lam", "0.1"], capsys)
@@ -210,10 +212,106 @@ def test_bad_input_one_clear_message(kind, good, capsys):
     print(f"{kind}: {lines[0]}")
 
 
-def test_missing_output_folder(good, capsys):
-    _, star, _ = good
-    code, _, err = run(["reconstruct", star, "--out", "/nonexistent/folder/map.mrc"], capsys)
-    assert code == 2 and "does not exist" in err
+def test_missing_output_folders_are_created(sim, tmp_path, capsys):
+    """As the README runs: `--out rec/map.mrc`, `--plot`, `--json`, `project --out` into folders not there yet."""
+    star, truth = sim / "particles.star", sim / "truth.mrc"
+    code, _, err = run(["reconstruct", star, "--out", tmp_path / "a" / "b" / "map.mrc", "--epochs", "1",
+                        "--batch-size", "64", "--quiet", "--wiener-after", "0"], capsys)
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "a" / "b").iterdir()} == {"map.mrc", "map_half1.mrc", "map_half2.mrc",
+                                                                 "map_fsc.png", "history.json"}
+    code, _, err = run(["fsc", tmp_path / "a" / "b" / "map.mrc", truth, "--plot", tmp_path / "c" / "f.png",
+                        "--json", tmp_path / "d" / "e" / "f.json", "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "c" / "f.png").exists() and (tmp_path / "d" / "e" / "f.json").exists(), err
+    code, _, err = run(["project", truth, "--star", star, "--out", tmp_path / "p" / "proj.mrcs", "--quiet",
+                        "--interpolation", "nearest"], capsys)
+    assert code == 0 and mrcfile.read(tmp_path / "p" / "proj.mrcs").shape == (N, BOX, BOX), err
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "project", "fsc --plot", "fsc --json", "simulate"])
+def test_bad_output_path_refused_before_any_work(command, sim, tmp_path, capsys, monkeypatch):
+    """An output that is an existing folder (or lies under a file) is refused first: exit 2, one line
+    naming the path as the user gave it, nothing written; the (missing) input is never reached."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    missing = tmp_path / "missing.star"  # would be an input error, were the output not checked first
+    argv = {"reconstruct": ["reconstruct", missing, "--out", "{}"],
+            "project": ["project", sim / "truth.mrc", "--star", missing, "--out", "{}"],
+            "fsc --plot": ["fsc", missing, missing, "--plot", "{}"],
+            "fsc --json": ["fsc", missing, missing, "--plot", "", "--json", "{}"],
+            "simulate": ["simulate", "--out", "{}", "--n-images", "4", "--box", "8", "--volume", missing]}[command]
+    bad = ["afile", "afile/sub/out.mrc"] if command == "simulate" else ["taken", "afile/sub/out.mrc"]
+    for given in bad:
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        code, out, err = run([given if a == "{}" else a for a in argv], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"jaxcryo {command.split()[0]}: error: {given}: "), lines[0]
+        assert "missing.star" not in err and ".tmp" not in err
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written or created
+
+
+def test_sigterm_while_writing_leaves_no_temporary(sim, tmp_path):
+    """SIGTERM arriving while the checkpoint is being written: the CLI stops with status 143 and
+    removes the half-written temporary (the old checkpoint, if any, stays intact)."""
+    import signal
+    import time
+
+    script = (
+        "import sys, time, numpy as np\n"
+        "real = np.savez\n"
+        "def slow(fh, **arrays):\n"
+        "    fh.write(b'half a checkpoint'); fh.flush()\n"
+        "    print('WRITING', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    real(fh, **arrays)\n"
+        "np.savez = slow\n"
+        "from jaxcryo import cli\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", script, "reconstruct", str(sim / "particles.star"), "--out",
+                             str(tmp_path / "map.mrc"), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # mid-write: the temporary is there
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_map(sim, uninterrupted, tmp_path, capsys):
+    """kill -9 after the first checkpoint; the same command again resumes and ends with the
+    uninterrupted run's map."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    argv = ["reconstruct", str(sim / "particles.star"), "--out", str(tmp_path / "map.mrc"), *FAST]
+    proc = subprocess.Popen([sys.executable, "-m", "jaxcryo.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt = tmp_path / "map.ckpt.npz"
+    try:
+        deadline = time.time() + 240
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL and ckpt.exists()
+    code, _, err = run(argv, capsys)
+    assert code == 0 and "resuming" in err, err
+    for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc"):
+        a, b = mrcfile.read(tmp_path / name), mrcfile.read(uninterrupted / name)
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
+    assert not ckpt.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_unknown_option_value_exits_2(good, capsys):
@@ -282,7 +380,8 @@ def test_streaming_reconstructs_and_resumes(sim, uninterrupted, tmp_path, capsys
     assert fsc(mrcfile.read(whole / "map.mrc"), truth)[1:BOX // 2 - 1].mean() > 0.5
 
     first = [a if a != "3" else "1" for a in FAST]
-    assert run(["reconstruct", star, "--out", parts / "map.mrc", *first, *stream], capsys)[0] == 0
+    assert run(["reconstruct", star, "--out", parts / "map.mrc", *first, *stream, "--keep-checkpoint"],
+               capsys)[0] == 0
     # Rerunning the same command without --stream or --resume picks the streamed checkpoint up.
     code, _, err = run(["reconstruct", star, "--out", parts / "map.mrc", *FAST, "--chunk-size", "100"], capsys)
     assert code == 0 and "resuming" in err
@@ -322,3 +421,97 @@ def test_two_processes_write_the_map_of_one(sim, tmp_path):
     h1 = json.loads((one / "history.json").read_text())
     h2 = json.loads((two / "history.json").read_text())
     np.testing.assert_allclose(h2["loss"], h1["loss"], rtol=2e-6)
+
+
+def _star_variant(sim, folder, name, *, drop_optics=(), drop_particles=(), rows=24):
+    """sim's particles.star (first ``rows``) with some columns removed, beside copies of its files."""
+    table = starfile.read(sim / "particles.star")
+    table["optics"] = table["optics"].drop(columns=list(drop_optics))
+    table["particles"] = table["particles"].iloc[:rows].drop(columns=list(drop_particles))
+    for f in ("particles.mrcs", "truth.mrc"):
+        if not (folder / f).exists():
+            shutil.copy(sim / f, folder / f)
+    starfile.write(table, folder / name)
+    return folder / name
+
+
+@pytest.mark.parametrize("dropped", [("rlnAmplitudeContrast",), ("rlnDefocusV", "rlnDefocusAngle")])
+def test_missing_ctf_column_projects_as_relion_project(dropped, sim, tmp_path, capsys):
+    """A STAR with a CTF column missing that RELION accepts: jaxcryo uses RELION's default (saying so in
+    one note) and its projections match relion_project --ctf's image by image."""
+    if shutil.which("relion_project") is None:
+        pytest.skip("relion_project not installed")
+    optics = [c for c in dropped if c == "rlnAmplitudeContrast"]
+    star = _star_variant(sim, tmp_path, "poses.star", drop_optics=optics,
+                         drop_particles=[c for c in dropped if c not in optics])
+    code, _, err = run(["project", tmp_path / "truth.mrc", "--star", star, "--out", tmp_path / "ours.mrcs",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "RELION's default" in line]
+    assert len(notes) == 1 and all(c in notes[0] for c in dropped), err
+    subprocess.run(["relion_project", "--i", "truth.mrc", "--ang", "poses.star", "--o", "relion", "--ctf"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    ours, theirs = mrcfile.read(tmp_path / "ours.mrcs"), mrcfile.read(tmp_path / "relion.mrcs")
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, theirs)]
+    assert min(corr) > 0.99, corr
+    # And the default matters: with the CTF columns of the full file the images differ.
+    full = _star_variant(sim, tmp_path, "full.star")
+    assert run(["project", tmp_path / "truth.mrc", "--star", full, "--out", tmp_path / "full.mrcs", "--quiet"],
+               capsys)[0] == 0
+    other = mrcfile.read(tmp_path / "full.mrcs")
+    assert np.abs(other - ours).max() > 0.05 * np.abs(ours).max()
+
+
+def test_missing_voltage_stops_naming_the_column(sim, tmp_path, capsys):
+    star = _star_variant(sim, tmp_path, "novolt.star", drop_optics=["rlnVoltage"])
+    for argv in (["project", tmp_path / "truth.mrc", "--star", star, "--out", tmp_path / "p.mrcs"],
+                 ["reconstruct", star, "--out", tmp_path / "m.mrc"], ["condition", star, "--out", tmp_path / "c"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "novolt.star" in err and "rlnVoltage" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["novolt.star", "particles.mrcs", "truth.mrc"]
+
+
+def test_pose_only_star_for_project_and_condition(sim, tmp_path, capsys):
+    """project and condition read no images: a STAR without rlnImageName (relion_project --ang's input) works,
+    and gives what the full STAR gives; reconstruct refuses it, naming the column."""
+    full = _star_variant(sim, tmp_path, "full.star")
+    poses = _star_variant(sim, tmp_path, "poses.star", drop_particles=["rlnImageName"])
+    for name in ("full", "poses"):
+        code, _, err = run(["project", tmp_path / "truth.mrc", "--star", tmp_path / f"{name}.star", "--out",
+                            tmp_path / f"{name}.mrcs", "--quiet", "--interpolation", "nearest"], capsys)
+        assert code == 0, err
+    np.testing.assert_array_equal(mrcfile.read(tmp_path / "poses.mrcs"), mrcfile.read(tmp_path / "full.mrcs"))
+    for name in ("full", "poses"):
+        code, _, err = run(["condition", tmp_path / f"{name}.star", "--out", tmp_path / f"c_{name}"], capsys)
+        assert code == 0, err
+    a = json.loads((tmp_path / "c_full" / "condition.json").read_text())
+    b = json.loads((tmp_path / "c_poses" / "condition.json").read_text())
+    assert a["kappa"] == b["kappa"]
+    code, _, err = run(["reconstruct", poses, "--out", tmp_path / "m.mrc"], capsys)
+    assert code == 2 and "poses.star" in err and "rlnImageName" in err
+
+
+def test_condition_input_problems_are_clear_errors(sim, tmp_path, capsys):
+    star = _star_variant(sim, tmp_path, "p.star")
+    nobox = _star_variant(sim, tmp_path, "nobox.star", drop_optics=["rlnImageSize"])
+    (tmp_path / "afile").write_text("x")
+    cases = [(["condition", tmp_path / "none.star"], "none.star: file not found"),
+             (["condition", star, "--box", "2"], "--box must be at least 4"),
+             (["condition", star, "--probes", "-1"], "--probes must be at least 0"),
+             (["condition", nobox], "nobox.star: no rlnImageSize"),
+             (["condition", star, "--out", tmp_path / "afile"], "afile: exists and is not a folder")]
+    for argv, message in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("jaxcryo condition: error: ") and message in err and "JAXCRYO_DEBUG" not in err, err
+
+
+def test_ragged_star_names_file_line_and_block(sim, tmp_path, capsys):
+    lines = (sim / "particles.star").read_text().splitlines()
+    last = len(lines) - 1 - [i for i, line in enumerate(reversed(lines)) if line.strip()][0]
+    lines[last - 3] = " ".join(lines[last - 3].split()[:-2])  # a row two fields short, near the end
+    (tmp_path / "ragged.star").write_text("\n".join(lines) + "\n")
+    shutil.copy(sim / "particles.mrcs", tmp_path / "particles.mrcs")
+    code, _, err = run(["reconstruct", tmp_path / "ragged.star", "--out", tmp_path / "m.mrc"], capsys)
+    assert code == 2 and f"ragged.star: line {last - 3 + 1} (data_particles): " in err, err

@@ -183,11 +183,11 @@ def test_block_names_and_single_row(tmp_path, block):
 
 
 def test_missing_poses_allowed_gives_zeros(tmp_path):
-    text = "data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n_rlnDefocusU\n1@s.mrcs 2 100\n2@s.mrcs 2 200\n"
+    text = "data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n1@s.mrcs 2\n2@s.mrcs 2\n"
     t = read_particles(_write(tmp_path, text), require_poses=False)
     np.testing.assert_array_equal(t.euler_deg, np.zeros((2, 3)))
     np.testing.assert_array_equal(t.shifts_angstrom, np.zeros((2, 2)))
-    assert not t.has_ctf  # no voltage etc.
+    assert not t.has_ctf and not t.notes  # no defocus: no CTF
 
 
 def test_stack_path_resolution(tmp_path, monkeypatch):
@@ -240,7 +240,8 @@ POSED = ["rlnImageName", "rlnImagePixelSize", "rlnAngleRot", "rlnAngleTilt", "rl
 OPTICS_1 = "data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n1 1.0\n\n"
 
 BAD_FILES = {
-    "unparseable": ("data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n1@a 1 2 3\n2@a\n", "cannot parse|not a finite"),
+    "unparseable": ("data_\nloop_\n_rlnImageName\n_rlnImagePixelSize\n1@a 1 2 3\n2@a\n",
+                    r"line 5 \(data_\): 4 field\(s\), but the loop has 2 columns"),
     "not_star": ("just some text\n", "no data blocks"),
     "no_particles_block": (OPTICS_1, "no particle table"),
     "empty_table": (_header(POSED), "holds no particles"),
@@ -256,7 +257,10 @@ BAD_FILES = {
     "text_number": (_header(POSED) + "1@a.mrcs 1 0 abc 0\n", "row 1, rlnAngleTilt = 'abc' is not a finite number"),
     "nan": (_header(POSED) + "1@a.mrcs 1 0 0 0\n2@a.mrcs 1 0 0 nan\n", "row 2, rlnAnglePsi is NaN or missing"),
     "inf": (_header(POSED) + "1@a.mrcs inf 0 0 0\n", "rlnImagePixelSize .* not a finite"),
-    "short_row": (_header(POSED) + "1@a.mrcs 1 0 0 0\n2@a.mrcs 1 0\n", "row 2, rlnAngleTilt is NaN or missing"),
+    "short_row": (_header(POSED) + "1@a.mrcs 1 0 0 0\n2@a.mrcs 1 0\n",
+                  r"line 9 \(data_particles\): 3 field\(s\), but the loop has 5 columns"),
+    "long_row_in_optics": ("data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n1 1.0 7\n\n" + _header(POSED)
+                           + "1@a.mrcs 1 0 0 0\n", r"line 5 \(data_optics\): 3 field\(s\), but the loop has 2"),
     "zero_pixel": (_header(POSED) + "1@a.mrcs 0 0 0 0\n", "pixel size 0"),
 }
 
@@ -281,7 +285,93 @@ def test_missing_ctf_columns_named(tmp_path):
     star = _write(tmp_path, _header(POSED + ["rlnDefocusU"]) + "1@a.mrcs 1 0 0 0 100\n", name="noctf.star")
     with pytest.raises(InputError, match="noctf.star: missing CTF column.*rlnDefocusV.*rlnVoltage"):
         read_particles(star, require_ctf=True)
-    assert not read_particles(star).has_ctf
+    # A defocus without the voltage: no silent CTF-less reading, the column is named.
+    with pytest.raises(InputError, match="noctf.star: data_particles has no rlnVoltage column"):
+        read_particles(star)
+
+
+OPTICS_CTF = ("data_optics\nloop_\n_rlnOpticsGroup\n_rlnImagePixelSize\n_rlnImageSize\n{cols}"
+              "1 1.5 16 {vals}\n\n")
+
+
+def _ctf_star(tmp_path, optics, particles, extra_particle_cols=(), extra_values=""):
+    """A RELION 3.1 STAR with optics columns ``optics`` ({name: value}) and CTF columns ``particles``."""
+    text = OPTICS_CTF.format(cols="".join(f"_{c}\n" for c in optics), vals=" ".join(str(v) for v in optics.values()))
+    cols = POSED[:1] + POSED[2:] + list(particles) + list(extra_particle_cols)
+    rows = [f"{i + 1}@a.mrcs 10 20 30 " + " ".join(str(v[i]) for v in particles.values()) + extra_values
+            for i in range(2)]
+    return _write(tmp_path, text + _header(cols) + "\n".join(rows) + "\n", name="ctf.star")
+
+
+def test_missing_ctf_columns_take_relions_defaults(tmp_path):
+    """rlnDefocusV = rlnDefocusU, rlnDefocusAngle 0, rlnAmplitudeContrast 0 (RELION's CTF::readByGroup
+    defaults), each said in the table's notes; rlnVoltage / rlnSphericalAberration have none."""
+    star = _ctf_star(tmp_path, {"rlnVoltage": 300, "rlnSphericalAberration": 2.7},
+                     {"rlnDefocusU": [12000, 15000]})
+    t = read_particles(star)
+    assert t.has_ctf
+    np.testing.assert_array_equal(t.defocus_v_angstrom, [12000, 15000])
+    np.testing.assert_array_equal(t.defocus_angle_deg, [0, 0])
+    np.testing.assert_array_equal(t.amplitude_contrast, [0, 0])
+    np.testing.assert_array_equal(t.voltage_kv, [300, 300])
+    assert len(t.notes) == 1 and "RELION's default" in t.notes[0]
+    for column in ("rlnDefocusV", "rlnDefocusAngle", "rlnAmplitudeContrast"):
+        assert column in t.notes[0]
+    assert t.subset([1]).notes == t.notes
+
+    full = _ctf_star(tmp_path, {"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1},
+                     {"rlnDefocusU": [12000, 15000], "rlnDefocusV": [11000, 14000], "rlnDefocusAngle": [5, 6]})
+    t = read_particles(full)
+    assert not t.notes and t.amplitude_contrast[0] == 0.1 and t.defocus_v_angstrom[1] == 14000
+
+    for missing in ("rlnVoltage", "rlnSphericalAberration"):
+        optics = {"rlnVoltage": 300, "rlnSphericalAberration": 2.7}
+        del optics[missing]
+        star = _ctf_star(tmp_path, optics, {"rlnDefocusU": [12000, 15000]})
+        with pytest.raises(InputError, match=f"ctf.star: .* has no {missing} column, needed for the CTF"):
+            read_particles(star)
+    star = _ctf_star(tmp_path, {"rlnVoltage": 300, "rlnSphericalAberration": 2.7}, {"rlnDefocusV": [1e4, 2e4]})
+    with pytest.raises(InputError, match="ctf.star: data_particles has rlnDefocusV but no rlnDefocusU"):
+        read_particles(star)
+    # Voltage and Cs without any defocus: no CTF, and nothing to say.
+    star = _ctf_star(tmp_path, {"rlnVoltage": 300, "rlnSphericalAberration": 2.7}, {})
+    t = read_particles(star)
+    assert not t.has_ctf and not t.notes
+
+
+def test_premultiplied_refused_and_unmodelled_optics_noted(tmp_path):
+    base = {"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1}
+    ctf = {"rlnDefocusU": [12000, 15000], "rlnDefocusV": [12000, 15000], "rlnDefocusAngle": [0, 0]}
+    star = _ctf_star(tmp_path, {**base, "rlnCtfDataAreCtfPremultiplied": 1}, ctf)
+    with pytest.raises(InputError, match="ctf.star: rlnCtfDataAreCtfPremultiplied = 1: the images were multiplied"):
+        read_particles(star)
+    assert read_particles(star, require_images=False).has_ctf  # poses and CTF only: the images do not matter
+    assert not read_particles(_ctf_star(tmp_path, {**base, "rlnCtfDataAreCtfPremultiplied": 0}, ctf)).notes
+
+    star = _ctf_star(tmp_path, {**base, "rlnBeamTiltX": 0.3, "rlnBeamTiltY": 0.0, "rlnMagMat00": 1.01,
+                                "rlnMagMat01": 0, "rlnMagMat10": 0, "rlnMagMat11": 1},
+                     ctf, ["rlnOddZernike"], " [0.1,0.2]")
+    notes = read_particles(star).notes
+    assert len(notes) == 1 and "ignored" in notes[0]
+    for column in ("rlnBeamTiltX", "rlnMagMat00", "rlnOddZernike"):
+        assert column in notes[0]
+    assert "rlnMagMat11" not in notes[0] and "rlnBeamTiltY" not in notes[0]  # neutral values: nothing ignored
+    neutral = _ctf_star(tmp_path, {**base, "rlnBeamTiltX": 0.0, "rlnBeamTiltY": 0.0}, ctf)
+    assert not read_particles(neutral).notes
+
+
+def test_pose_only_star(tmp_path):
+    """No rlnImageName (relion_project --ang's input): readable where images are not read."""
+    star = _ctf_star(tmp_path, {"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 0.1},
+                     {"rlnDefocusU": [12000, 15000]})
+    text = star.read_text().replace("_rlnImageName\n", "").replace("1@a.mrcs ", "").replace("2@a.mrcs ", "")
+    poses = _write(tmp_path, text, name="poses.star")
+    with pytest.raises(InputError, match="poses.star: data_particles has no rlnImageName"):
+        read_particles(poses)
+    t = read_particles(poses, require_images=False)
+    assert len(t) == 2 and t.has_ctf and list(t.stack_indices) == [-1, -1]
+    np.testing.assert_array_equal(t.euler_deg, [[10, 20, 30]] * 2)
+    np.testing.assert_array_equal(t.defocus_u_angstrom, [12000, 15000])
 
 
 def test_write_into_missing_folder_leaves_nothing(tmp_path):
@@ -305,3 +395,18 @@ def test_failed_write_leaves_no_temp_file_and_keeps_old(tmp_path):
     with pytest.raises(InputError, match="p.star: optics group 1 has several pixel_size_angstrom"):
         write_particles(target, conflicting)
     assert os.listdir(tmp_path) == ["p.star"] and target.read_text() == "old"
+
+
+def test_ctf_values_that_would_give_nan_are_refused(tmp_path):
+    ctf = {"rlnDefocusU": [12000, 15000]}
+    for optics, message in (({"rlnVoltage": -300, "rlnSphericalAberration": 2.7}, r"rlnVoltage = -300 .* must be > 0"),
+                            ({"rlnVoltage": 300, "rlnSphericalAberration": 2.7, "rlnAmplitudeContrast": 1.5},
+                             r"rlnAmplitudeContrast = 1.5 \(optics group 1, particle row 1\) must be between 0 and 1")):
+        with pytest.raises(InputError, match=f"ctf.star: {message}"):
+            read_particles(_ctf_star(tmp_path, optics, ctf))
+
+
+def test_pose_only_reading_names_what_it_looked_for(tmp_path):
+    star = _write(tmp_path, OPTICS_1, name="optics_only.star")
+    with pytest.raises(InputError, match=r"optics_only.star: no particle table \(a block with rlnImageName or rlnAngle"):
+        read_particles(star, require_images=False)

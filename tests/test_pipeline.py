@@ -9,8 +9,8 @@ import pytest
 from jaxcryo.forward import FourierGrid, prepare_particles
 from jaxcryo.geometry import euler_to_matrix
 from jaxcryo.io import InputError, make_table, write_particles, write_stack
-from jaxcryo.pipeline import (checkpoint_path, format_bytes, load_checkpoint, load_particles, open_particles,
-                              plan_memory, save_checkpoint, table_poses)
+from jaxcryo.pipeline import (checkpoint_path, checkpoint_settings, format_bytes, load_checkpoint, load_particles,
+                              open_particles, plan_memory, save_checkpoint, state_template, table_poses)
 from jaxcryo.reconstruct import ReconState, make_optimizer
 
 
@@ -92,7 +92,8 @@ def test_checkpoint_round_trip(tmp_path):
     path = checkpoint_path(str(tmp_path / "map.mrc"))
     assert path.endswith("map.ckpt.npz")
     save_checkpoint(path, state, {"method": "psgd"})
-    loaded, settings = load_checkpoint(path)
+    assert checkpoint_settings(path) == {"method": "psgd"}
+    loaded, settings = load_checkpoint(path, state_template(method="psgd", box=8, groups=2))
     assert settings == {"method": "psgd"} and loaded.epoch == 2
     assert loaded.history == {"epoch": [1, 2], "loss": [3.0, 2.0], "seconds": [0.1, 0.2]}
     assert jax.tree.structure(loaded.opt_state) == jax.tree.structure(opt_state)
@@ -105,7 +106,100 @@ def test_checkpoint_round_trip(tmp_path):
 def test_bad_checkpoint_is_an_input_error(tmp_path):
     path = tmp_path / "map.ckpt.npz"
     path.write_bytes(b"not a checkpoint")
+    template = state_template(method="psgd", box=8)
     with pytest.raises(InputError, match="unreadable checkpoint"):
-        load_checkpoint(path)
+        load_checkpoint(path, template)
     with pytest.raises(InputError, match="no checkpoint"):
-        load_checkpoint(tmp_path / "missing.ckpt.npz")
+        load_checkpoint(tmp_path / "missing.ckpt.npz", template)
+
+
+def _psgd_state(box=8, groups=2):
+    tx = make_optimizer("psgd", box=box)
+    params = jnp.stack([jnp.full((box, box, box // 2 + 1, 2), float(i)) for i in range(groups)])
+    return ReconState(1, params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), groups),
+                      {"epoch": [1], "loss": [1.0], "seconds": [0.1]})
+
+
+@pytest.mark.parametrize("method", ["psgd", "psgd-exact", "sgd", "adam"])
+def test_state_template_matches_the_real_state(method):
+    """The tree a checkpoint is rebuilt into is the one reconstruct() builds (structure, shapes, dtypes)."""
+    tx = make_optimizer(method, box=8)
+    params = jnp.zeros((1, 8, 8, 5, 2), jnp.float32)
+    real = (params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), 1))
+    template = state_template(method=method, box=8, groups=1)
+    assert jax.tree.structure(template) == jax.tree.structure(real)
+    for a, b in zip(jax.tree.leaves(template), jax.tree.leaves(real)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+class _Plant:
+    """Unpickling this creates the file ``marker`` (what a planted pickle could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_checkpoints_cannot_run_code(tmp_path):
+    import json
+    import pickle
+
+    marker = tmp_path / "pwned"
+    template = state_template(method="psgd", box=8, groups=2)
+    good = tmp_path / "good.ckpt.npz"
+    save_checkpoint(good, _psgd_state(), {"method": "psgd"})
+    with np.load(good) as z:
+        arrays = dict(z)
+    meta = json.loads(bytes(arrays["meta"]).decode())
+
+    crafted = {}
+    crafted["pickle file"] = pickle.dumps(_Plant(marker))
+    # An object array inside the npz (np.save pickles it).
+    crafted["object array leaf"] = {**arrays, "leaf_00000": np.array([_Plant(marker)], dtype=object)}
+    # The old format: the tree structure as a pickle, version 1.
+    old_meta = {**meta, "version": 1}
+    crafted["version-1 treedef pickle"] = {**arrays, "treedef": np.frombuffer(pickle.dumps(_Plant(marker)), np.uint8),
+                                           "meta": np.frombuffer(json.dumps(old_meta).encode(), np.uint8)}
+    crafted["metadata is a pickle"] = {**arrays, "meta": np.frombuffer(pickle.dumps(_Plant(marker)), np.uint8)}
+    wrong = dict(arrays)
+    wrong["leaf_00000"] = np.zeros((2, 8, 8, 5, 3), np.float32)
+    crafted["leaf of another shape"] = wrong
+    fewer = {k: v for k, v in arrays.items() if k != "leaf_00003"}
+    crafted["missing leaf"] = fewer
+    messages = {}
+    for name, content in crafted.items():
+        path = tmp_path / "x.ckpt.npz"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            with open(path, "wb") as fh:
+                np.savez(fh, **content)
+        with pytest.raises(InputError) as err:
+            load_checkpoint(path, template)
+        assert str(path) in str(err.value) and "delete it to start afresh" in str(err.value), str(err.value)
+        messages[name] = str(err.value)
+        assert not marker.exists(), f"{name}: loading ran code"
+    assert "version 1" in messages["version-1 treedef pickle"]
+    assert "float32[2, 8, 8, 5, 3]" in messages["leaf of another shape"]
+    with pytest.raises(InputError, match="arrays, these settings need"):
+        load_checkpoint(good, state_template(method="sgd", box=8, groups=2))  # other settings: other tree
+    load_checkpoint(good, template)  # the genuine one still loads
+
+
+def test_state_template_matches_what_reconstruct_builds(rng, halves=True):
+    """A checkpoint of a real run loads into the tree rebuilt from its settings (guards against
+    reconstruct() growing state that state_template does not know)."""
+    import jaxcryo as jc
+    from conftest import make_particles, make_problem
+
+    problem = make_problem(box=8)
+    particles = make_particles(rng, problem, 12)
+    rec = jc.reconstruct(particles, box=8, pixel_size_angstrom=3.0, method="psgd", epochs=1, batch_size=6,
+                         halves=halves, wiener_after=0, devices=1)
+    template = state_template(method="psgd", box=8, groups=2 if halves else 1)
+    real = (rec.state.params, rec.state.opt_state, rec.state.key)
+    assert jax.tree.structure(template) == jax.tree.structure(real)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(template)] == \
+        [(np.shape(b), np.asarray(b).dtype) for b in jax.tree.leaves(real)]

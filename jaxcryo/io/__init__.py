@@ -4,7 +4,7 @@ This package is the only place that imports mrcfile and starfile, and it
 imports no jaxcryo maths. Every problem with an input raises `InputError`.
 """
 
-from jaxcryo.io.errors import InputError
+from jaxcryo.io.errors import InputError, check_output_path, make_output_folder
 from jaxcryo.io.mrc import MrcStack, open_stack, read_map, write_map, write_stack
 from jaxcryo.io.star import ParticleTable, make_table, read_particles, write_particles
 from jaxcryo.io.stream import ParticleStack, estimate_memory_bytes
@@ -14,7 +14,9 @@ __all__ = [
     "MrcStack",
     "ParticleStack",
     "ParticleTable",
+    "check_output_path",
     "estimate_memory_bytes",
+    "make_output_folder",
     "make_table",
     "open_stack",
     "read_map",

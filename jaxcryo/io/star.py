@@ -34,6 +34,22 @@ _CTF_COLUMNS = (
     "rlnSphericalAberration",
     "rlnAmplitudeContrast",
 )
+# What RELION 3.1 does when a CTF column is missing, so that jaxcryo reads a file as RELION does.
+# RELION's CTF::readByGroup (src/ctf.cpp) reads each value with a default: rlnDefocusV = rlnDefocusU,
+# rlnDefocusAngle 0, rlnAmplitudeContrast (Q0) 0, rlnPhaseShift 0, rlnCtfBfactor 0 (and rlnVoltage
+# 200, rlnSphericalAberration 0); but ObservationModel's constructor (src/jaz/obs_model.cpp) stops
+# with "not all necessary variables defined in _optics.star file" when rlnVoltage or
+# rlnSphericalAberration is missing, so those two have no usable default in 3.1 and are required here.
+_CTF_DEFAULTS = {"rlnDefocusAngle": 0.0, "rlnAmplitudeContrast": 0.0}  # rlnDefocusV: rlnDefocusU
+_CTF_REQUIRED = ("rlnVoltage", "rlnSphericalAberration")
+# Optics RELION can apply and jaxcryo does not model: said in one note when they are not neutral.
+_IGNORED_OPTICS = {
+    "rlnBeamTiltX": 0.0, "rlnBeamTiltY": 0.0,  # beam tilt (mrad)
+    "rlnOddZernike": None, "rlnEvenZernike": None,  # trefoil, tetrafoil, higher-order aberrations
+    "rlnMagMat00": 1.0, "rlnMagMat01": 0.0, "rlnMagMat10": 0.0, "rlnMagMat11": 1.0,  # anisotropic magnification
+    "rlnCtfScalefactor": 1.0,
+}
+_PREMULTIPLIED = "rlnCtfDataAreCtfPremultiplied"
 # Tried in this order when a file has several blocks.
 _PARTICLE_BLOCKS = ("particles", "images", "")
 _IMAGE_NAME = re.compile(r"^\s*(\d+)@(\S.*?)\s*$")
@@ -63,8 +79,16 @@ class ParticleTable:
         box_size: (n,) int64, image side in pixels, -1 when not yet known.
         optics_group: (n,) int64, RELION optics group number.
         has_ctf: whether the CTF values are real (False: they are placeholders).
+            True whenever the file gives a defocus; missing optional CTF columns
+            then hold RELION's defaults (said in `notes`).
         source_rows: (n,) int64, 0-based row in `star_path` (for error messages
             that stay right after `subset`); defaults to arange(n).
+        notes: one-line remarks for the user about how the file was read (RELION
+            defaults used for missing CTF columns, optics columns ignored); a
+            command line prints them.
+
+    A pose-only table (read with ``require_images=False`` from a STAR without
+    rlnImageName) has empty image_names and stack_paths and stack_indices -1.
     """
 
     star_path: str
@@ -86,6 +110,7 @@ class ParticleTable:
     optics_group: np.ndarray
     has_ctf: bool
     source_rows: np.ndarray | None = None
+    notes: tuple = ()
 
     def __post_init__(self):
         n = len(np.asarray(self.image_names))
@@ -101,6 +126,7 @@ class ParticleTable:
             object.__setattr__(self, field, value)
         object.__setattr__(self, "star_path", os.fspath(self.star_path))
         object.__setattr__(self, "has_ctf", bool(self.has_ctf))
+        object.__setattr__(self, "notes", tuple(str(t) for t in self.notes))
 
     def __len__(self) -> int:
         return len(self.image_names)
@@ -114,7 +140,7 @@ class ParticleTable:
         if indices.dtype != bool:
             indices = indices.astype(np.int64)
         fields = {name: getattr(self, name)[indices] for name, _, _ in _FIELD_SPECS}
-        return ParticleTable(star_path=self.star_path, has_ctf=self.has_ctf, **fields)
+        return ParticleTable(star_path=self.star_path, has_ctf=self.has_ctf, notes=self.notes, **fields)
 
 
 # (name, dtype, trailing shape) of every per-particle array.
@@ -142,8 +168,17 @@ _FIELD_SPECS = (
 # --------------------------------------------------------------------------- reading
 
 
-def read_particles(path, *, require_poses: bool = True, require_ctf: bool = False) -> ParticleTable:
+def read_particles(path, *, require_poses: bool = True, require_ctf: bool = False,
+                   require_images: bool = True) -> ParticleTable:
     """Read a RELION 3.0 or 3.1+ particle STAR file.
+
+    The CTF is read as RELION 3.1 reads it: with a defocus (rlnDefocusU) given, a missing
+    rlnDefocusV is rlnDefocusU, a missing rlnDefocusAngle, rlnAmplitudeContrast, rlnPhaseShift
+    or rlnCtfBfactor is 0 (RELION's defaults; the first three are said in ``notes``), and a
+    missing rlnVoltage or rlnSphericalAberration is an error (RELION 3.1 has no default for
+    them). No defocus at all: no CTF (has_ctf False). Images multiplied by their CTF
+    (rlnCtfDataAreCtfPremultiplied = 1) are refused when the images are to be read; beam tilt,
+    Zernike aberrations, anisotropic magnification and a CTF scale factor are ignored, with a note.
 
     Args:
         path: the STAR file.
@@ -151,6 +186,9 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
             if False, missing angles read as zeros.
         require_ctf: raise InputError unless rlnDefocusU/V, rlnVoltage,
             rlnSphericalAberration and rlnAmplitudeContrast are present.
+        require_images: the caller reads the images (rlnImageName is required). False
+            for steps that use only poses and CTF (project, condition), as relion_project
+            --ang does: rlnImageName may then be absent.
 
     Returns:
         a ParticleTable; relative stack paths are resolved against the STAR
@@ -161,32 +199,38 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
     """
     path = os.fspath(path)
     blocks = _read_blocks(path)
-    particle_block, df = _find_particle_block(path, blocks)
+    particle_block, df = _find_particle_block(path, blocks, require_images)
     label = f"data_{particle_block}"
     n = len(df)
     if n == 0:
         raise InputError(f"{path}: {label} holds no particles")
+    _check_ragged(path, blocks, particle_block)
 
     optics_block = blocks.get("optics") if particle_block != "optics" else None
     columns = _Columns(path, df, label, optics_block)
 
     # Image names and stacks.
-    names = df["rlnImageName"]
-    names = names.where(names.notna(), "").astype(str)
-    parts = names.str.extract(_IMAGE_NAME)
-    bad = parts[0].isna() | (pd.to_numeric(parts[0], errors="coerce").fillna(0) < 1)
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(
-            f"{path}: row {row + 1} (rlnImageName {str(names.iloc[row])!r}) is not of the form "
-            "'N@stack.mrcs' with N >= 1"
-        )
-    stack_indices = parts[0].astype(np.int64).to_numpy() - 1
-    stack_names = parts[1].to_numpy(dtype=str)
-    unique_names, inverse = np.unique(stack_names, return_inverse=True)
-    star_dir = os.path.dirname(os.path.abspath(path))
-    resolved = np.array([_resolve_stack(name, star_dir) for name in unique_names], dtype=str)
-    stack_paths = resolved[inverse.reshape(-1)]
+    if "rlnImageName" in df.columns:
+        names = df["rlnImageName"]
+        names = names.where(names.notna(), "").astype(str)
+        parts = names.str.extract(_IMAGE_NAME)
+        bad = parts[0].isna() | (pd.to_numeric(parts[0], errors="coerce").fillna(0) < 1)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(
+                f"{path}: row {row + 1} (rlnImageName {str(names.iloc[row])!r}) is not of the form "
+                "'N@stack.mrcs' with N >= 1"
+            )
+        stack_indices = parts[0].astype(np.int64).to_numpy() - 1
+        stack_names = parts[1].to_numpy(dtype=str)
+        unique_names, inverse = np.unique(stack_names, return_inverse=True)
+        star_dir = os.path.dirname(os.path.abspath(path))
+        resolved = np.array([_resolve_stack(name, star_dir) for name in unique_names], dtype=str)
+        stack_paths = resolved[inverse.reshape(-1)]
+        names = names.to_numpy(dtype=str)
+    else:  # pose-only (require_images False)
+        names = stack_paths = np.full(n, "", dtype=str)
+        stack_indices = np.full(n, -1, dtype=np.int64)
 
     # Poses.
     present = [c for c in _POSE_COLUMNS if columns.has_particle(c)]
@@ -228,7 +272,7 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
         if any(have):
             raise InputError(f"{path}: {label} has {pair[have.index(True)]} but no {pair[have.index(False)]}")
 
-    # CTF.
+    # CTF, as RELION 3.1 reads it (see _CTF_DEFAULTS).
     missing_ctf = [
         c
         for c in _CTF_COLUMNS
@@ -236,11 +280,60 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
     ]
     if require_ctf and missing_ctf:
         raise InputError(f"{path}: missing CTF column(s) {', '.join(missing_ctf)}")
-    has_ctf = not missing_ctf
+    notes = []
+    has_ctf = columns.has_particle("rlnDefocusU") or columns.has_particle("rlnDefocusV")
+    defocus_u = columns.particle("rlnDefocusU", default=0.0)
+    defocus_v = defocus_u
+    if has_ctf:
+        where = f"{label} or data_optics" if columns.optics_df is not None else label
+        if not columns.has_particle("rlnDefocusU"):
+            raise InputError(f"{path}: {label} has rlnDefocusV but no rlnDefocusU; cannot build the CTF")
+        for column in _CTF_REQUIRED:
+            if not columns.has_optics(column):
+                raise InputError(
+                    f"{path}: {where} has no {column} column, needed for the CTF (RELION 3.1 has no default "
+                    "for it either); add it, or remove the defocus columns to use no CTF"
+                )
+        if columns.has_particle("rlnDefocusV"):
+            defocus_v = columns.particle("rlnDefocusV")
+        defaulted = [] if columns.has_particle("rlnDefocusV") else ["rlnDefocusV = rlnDefocusU"]
+        defaulted += [f"{c} = {v:g}" for c, v in _CTF_DEFAULTS.items()
+                      if not (columns.has_particle(c) if c == "rlnDefocusAngle" else columns.has_optics(c))]
+        if defaulted:
+            notes.append(f"{path}: no {', '.join(d.split(' = ')[0] for d in defaulted)} column; using RELION's "
+                         f"default {', '.join(defaulted)}")
+    premultiplied = columns.optics(_PREMULTIPLIED)
+    if premultiplied is not None and np.any(premultiplied != 0):
+        if require_images:
+            raise InputError(
+                f"{path}: {_PREMULTIPLIED} = 1: the images were multiplied by their CTF, which jaxcryo's "
+                "forward model does not handle; use images that are not CTF-premultiplied"
+            )
+    ignored = []
+    for column, neutral in _IGNORED_OPTICS.items():
+        if columns.has_optics(column):
+            source = columns.optics_df if columns.optics_df is not None and column in columns.optics_df.columns \
+                else df
+            values = pd.to_numeric(source[column], errors="coerce") if neutral is not None else None
+            if neutral is None or not np.allclose(values.to_numpy(dtype=np.float64, na_value=np.nan), neutral):
+                ignored.append(column)
+    if ignored:
+        notes.append(f"{path}: {', '.join(ignored)} ignored (jaxcryo models no beam tilt, higher-order "
+                     "aberrations, anisotropic magnification or CTF scale factor)")
 
-    def optics_or_zero(column):
+    def optics_or_default(column):
         value = columns.optics(column)
-        return np.zeros(n) if value is None else value
+        return np.full(n, _CTF_DEFAULTS.get(column, 0.0)) if value is None else value
+
+    if has_ctf:  # values that would make the CTF NaN or meaningless (RELION refuses them too)
+        for column, ok, rule in (("rlnVoltage", lambda v: v > 0, "must be > 0 (kV)"),
+                                 ("rlnAmplitudeContrast", lambda v: (v >= 0) & (v <= 1), "must be between 0 and 1")):
+            values = optics_or_default(column)
+            bad = ~ok(values)
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise InputError(f"{path}: {column} = {values[row]:g} (optics group {columns.groups[row]}, particle "
+                                 f"row {row + 1}) {rule}")
 
     box = columns.optics("rlnImageSize")
     if box is not None:
@@ -248,23 +341,24 @@ def read_particles(path, *, require_poses: bool = True, require_ctf: bool = Fals
             raise InputError(f"{path}: rlnImageSize must be a positive whole number of pixels")
     return ParticleTable(
         star_path=path,
-        image_names=names.to_numpy(dtype=str),
+        image_names=names,
         stack_paths=stack_paths,
         stack_indices=stack_indices,
         euler_deg=euler,
         shifts_angstrom=shifts,
-        defocus_u_angstrom=columns.particle("rlnDefocusU", default=0.0),
-        defocus_v_angstrom=columns.particle("rlnDefocusV", default=0.0),
+        defocus_u_angstrom=defocus_u,
+        defocus_v_angstrom=defocus_v,
         defocus_angle_deg=columns.particle("rlnDefocusAngle", default=0.0),
         phase_shift_deg=columns.particle("rlnPhaseShift", default=0.0),
         ctf_bfactor=columns.particle("rlnCtfBfactor", default=0.0),
-        voltage_kv=optics_or_zero("rlnVoltage"),
-        cs_mm=optics_or_zero("rlnSphericalAberration"),
-        amplitude_contrast=optics_or_zero("rlnAmplitudeContrast"),
+        voltage_kv=optics_or_default("rlnVoltage"),
+        cs_mm=optics_or_default("rlnSphericalAberration"),
+        amplitude_contrast=optics_or_default("rlnAmplitudeContrast"),
         pixel_size_angstrom=pixel_size,
         box_size=np.full(n, -1) if box is None else box.astype(np.int64),
         optics_group=columns.groups,
         has_ctf=has_ctf,
+        notes=tuple(notes),
     )
 
 
@@ -279,7 +373,11 @@ def _read_blocks(path: str) -> dict[str, pd.DataFrame]:
             warnings.simplefilter("ignore")
             raw = starfile.read(path, always_dict=True)
     except Exception as err:  # starfile/pandas raise many types for malformed text
-        raise InputError(f"{path}: cannot parse as a STAR file ({type(err).__name__}: {err})") from err
+        ragged = _first_ragged_row(path)
+        if ragged:
+            raise InputError(ragged) from None
+        detail = " ".join(str(err).split())
+        raise InputError(f"{path}: cannot parse as a STAR file ({type(err).__name__}: {detail})") from None
     if not raw:
         raise InputError(f"{path}: no data blocks found; is this a STAR file?")
     blocks = {}
@@ -290,17 +388,69 @@ def _read_blocks(path: str) -> dict[str, pd.DataFrame]:
     return blocks
 
 
-def _find_particle_block(path: str, blocks: dict[str, pd.DataFrame]) -> tuple[str, pd.DataFrame]:
+def _check_ragged(path: str, blocks: dict[str, pd.DataFrame], particle_block: str) -> None:
+    """A row with too few fields reads as NaN: look for it in the file, to name its line."""
+    if any(name in blocks and blocks[name].isna().to_numpy().any() for name in (particle_block, "optics")):
+        ragged = _first_ragged_row(path)
+        if ragged:
+            raise InputError(ragged)
+
+
+def _first_ragged_row(path: str) -> str | None:
+    """'FILE: line L (data_B): K fields, the loop has C columns' for the first loop row whose
+    field count differs from its loop's columns; None if every row fits."""
+    import shlex
+
+    block, columns, in_header, in_loop = "", [], False, False
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    with fh:
+        for number, line in enumerate(fh, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text.startswith("data_"):
+                block, columns, in_header, in_loop = text, [], False, False
+                continue
+            if text == "loop_":
+                columns, in_header, in_loop = [], True, True
+                continue
+            if text.startswith("_"):
+                if in_header:
+                    columns.append(text.split()[0][1:])
+                continue
+            in_header = False
+            if not in_loop or not columns:
+                continue
+            try:
+                fields = shlex.split(text, comments=False) if ("'" in text or '"' in text) else text.split()
+            except ValueError:
+                fields = text.split()
+            if len(fields) != len(columns):
+                return (f"{path}: line {number} ({block or 'data_'}): {len(fields)} field(s), but the loop has "
+                        f"{len(columns)} columns ({columns[0]} .. {columns[-1]})")
+    return None
+
+
+def _find_particle_block(path: str, blocks: dict[str, pd.DataFrame],
+                         require_images: bool = True) -> tuple[str, pd.DataFrame]:
     order = [b for b in _PARTICLE_BLOCKS if b in blocks]
     order += [b for b in blocks if b not in order and b != "optics"]
     for name in order:
         if "rlnImageName" in blocks[name].columns:
             return name, blocks[name]
+    if not require_images:  # pose-only: the first block with angles
+        for name in order:
+            if any(c in blocks[name].columns for c in _POSE_COLUMNS):
+                return name, blocks[name]
     for name in order:
         if name in _PARTICLE_BLOCKS:
             raise InputError(f"{path}: data_{name} has no rlnImageName column")
     found = ", ".join(f"data_{b}" for b in blocks)
-    raise InputError(f"{path}: no particle table (a block with rlnImageName); found {found}")
+    wanted = "rlnImageName" if require_images else "rlnImageName or rlnAngleRot/Tilt/Psi"
+    raise InputError(f"{path}: no particle table (a block with {wanted}); found {found}")
 
 
 class _Columns:
@@ -335,7 +485,8 @@ class _Columns:
             row = int(np.flatnonzero(~known)[0])
             listed = ", ".join(str(i) for i in ids)
             raise InputError(
-                f"{path}: row {row + 1} ({str(particles['rlnImageName'].iloc[row])!r}) has rlnOpticsGroup "
+                f"{path}: row {row + 1} ({str(particles.get('rlnImageName', particles.index).iloc[row])!r}) "
+                f"has rlnOpticsGroup "
                 f"{groups[row]}, which is not in data_optics (groups {listed})"
             )
         self.groups = groups
