@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch
 from jaxcryo.forward.slicing import slice_stencil
-from jaxcryo.loss import Problem, _scale, sum_over_batches
+from jaxcryo.loss import Problem, _scale, sum_over_batches, symmetry_expand
 
 
 def hvp(fun, params, vector, *args):
@@ -48,10 +48,12 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
 
     Each pixel contributes 2 m_p s_p c^2 w_k^2 to each voxel k it reads (real and imaginary
     parts alike): the back-projection of squared weights. For nearest this equals H @ ones.
+    With a symmetry, at every pose A g of the group (each with weight 1/G).
     """
     if problem.interpolation == "nufft":
         raise ValueError("the exact diagonal is available for nearest and trilinear slicing; "
                          "use hutchinson_diagonal for nufft")
+    batch = symmetry_expand(batch, problem)
     scale = _scale(batch, problem, dtype)[..., 0]  # (B, P)
     c2 = ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], dtype) ** 2
     index, weight, _ = jax.vmap(

@@ -273,7 +273,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
-                ) -> Reconstruction:
+                symmetry: str = "C1") -> Reconstruction:
     """Reconstruct a map from particles with known poses.
 
     Args:
@@ -307,9 +307,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
       share: for several processes, the :class:`~jaxcryo.distributed.HostShare` whose rows
         ``particles`` holds (from :func:`jaxcryo.distributed.host_share`); None when every
         process passes the full set.
+      symmetry: point group in RELION's notation ('C1' default, 'C4', 'D2', 'T', 'O', 'I', ...;
+        :mod:`jaxcryo.symmetry`): each image is used at its pose composed with every group
+        element, so the map is symmetric by construction (as relion_reconstruct --sym). A step
+        then costs about G times as much; ValueError for an unknown symbol.
     """
     grid = FourierGrid(box, r_max)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
     dtype = particles.data.dtype
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
