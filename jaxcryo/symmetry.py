@@ -105,13 +105,21 @@ def _matrices(symbol: str) -> np.ndarray:
     kind, rest = symbol[0], symbol[1:]
     if symbol in _GENERATORS:
         gens = [_axis_rotation(f, a) for f, a in _GENERATORS[symbol]]
+        if symbol.startswith("I"):
+            # The 2-fold and 5-fold (exact here) generate the group; RELION's 3-fold, given to 16
+            # decimals for I3/I4, is an element of it to 2e-8 and would only add rounding.
+            third, gens = gens[2], gens[:2]
     else:
         n = int(rest)
         gens = [_axis_rotation(n, (0.0, 0.0, 1.0))]
         if kind == "D":
             gens.append(_axis_rotation(2, (1.0, 0.0, 0.0)))
     mats = _orthonormalise(_close(gens))
-    mats[np.abs(mats) < 1e-12] = 0.0  # exact zeros where exact (C4, D2, O are signed permutations)
+    if symbol.startswith("I") and np.abs(mats - third).max(axis=(1, 2)).min() > 1e-6:
+        raise RuntimeError(f"{symbol}: the 3-fold axis is not in the group")  # a bug, not input
+    # exact 0, +-1/2, +-1 where the rounding is below 1e-12 (C4, D2, O: signed permutations)
+    snapped = np.rint(2.0 * mats) / 2.0
+    mats = np.where(np.abs(mats - snapped) < 1e-12, snapped, mats)
     mats.setflags(write=False)
     return mats
 
