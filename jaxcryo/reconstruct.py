@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from jaxcryo import distributed as dist
-from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile
+from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile, symmetrize_diagonal
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
@@ -146,7 +146,7 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         if exact:
             extra["diag_sample"] = diag
         elif probes is not None:
-            extra["diag_sample"] = jnp.mean(probes * hvps, axis=0)
+            extra["diag_sample"] = symmetrize_diagonal(jnp.mean(probes * hvps, axis=0), problem)
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
                                        value_fn=value_fn, **extra)
         params = optax.apply_updates(params, updates)

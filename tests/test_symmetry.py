@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_particles, random_pairs
 from jaxcryo import cli
-from jaxcryo.curvature import batch_exact_diagonal, exact_diagonal
+from jaxcryo.curvature import batch_exact_diagonal, exact_diagonal, symmetrize_diagonal
 from jaxcryo.forward import FourierGrid, prepare_particles, volume_to_ft
 from jaxcryo.fsc import fsc
 from jaxcryo.geometry import spherical_mask
@@ -156,6 +156,20 @@ def test_symmetric_objective_is_the_mean_over_the_group():
     np.testing.assert_allclose(full, diag + 2 * lam, rtol=1e-4, atol=1e-6)
 
 
+def test_symmetrized_diagonal_keeps_the_exact_one():
+    """The exact diagonal of the O-symmetric objective is invariant under the group average that
+    psgd applies to its Hutchinson samples; a random array is not; C1 changes nothing."""
+    rng = np.random.default_rng(0)
+    sym = Problem(grid=FourierGrid(10), interpolation="trilinear", symmetry="O")
+    d = jax.jit(exact_diagonal, static_argnums=(1, 2))(make_particles(rng, sym, 12), sym, 12)
+    average = jax.jit(symmetrize_diagonal, static_argnums=1)
+    np.testing.assert_allclose(average(d, sym), d, rtol=1e-4, atol=1e-6 * float(d.max()))
+    noise = jnp.abs(random_pairs(rng, d.shape))
+    assert float(jnp.abs(average(noise, sym) - noise).max()) > 0.3
+    plain = Problem(grid=FourierGrid(10))
+    assert symmetrize_diagonal(noise, plain) is noise
+
+
 def _symmetrise_on_grid(volume, symbol):
     """Mean over the group of a map rotated on the voxel grid; exact for signed permutations
     (C4, D2, O), whose rotations map voxels to voxels. The map must vanish at the -N/2 planes."""
@@ -237,21 +251,20 @@ def _max_asymmetry(volume, symbol):
 
 def test_cli_symmetry_gives_a_symmetric_map(tmp_path, capsys):
     """`jaxcryo reconstruct --symmetry O` on particles of an asymmetric map: the map equals its
-    copies rotated by the group (the C1 map does not); bad symbols stop before any work."""
+    copies rotated by the group (the truth does not); bad symbols stop before any work."""
     box = 16
     truth = symmetric_blobs("C1", box, n_blobs=8, seed=2)
     sim = simulate_particles(truth, 96, pixel_size_angstrom=PX, snr=2.0, seed=1, interpolation="trilinear")
     star = _write_particles(tmp_path / "sim", sim, box, PX)
-    fast = ["--epochs", "2", "--batch-size", "32", "--quiet", "--wiener-after", "0"]
+    fast = ["--epochs", "2", "--batch-size", "32", "--quiet", "--no-halves"]
+    (tmp_path / "o").mkdir()
     assert cli.main(["reconstruct", str(star), "--out", str(tmp_path / "o" / "map.mrc"), "--symmetry", "o",
                      *fast]) == 0
     capsys.readouterr()
     sym_map = mrcfile.read(tmp_path / "o" / "map.mrc")
     assert json.loads((tmp_path / "o" / "history.json").read_text())["settings"]["symmetry"] == "O"
-    assert cli.main(["reconstruct", str(star), "--out", str(tmp_path / "c1" / "map.mrc"), *fast]) == 0
-    c1_map = mrcfile.read(tmp_path / "c1" / "map.mrc")
-    assert _max_asymmetry(c1_map, "O") > 0.5
-    assert _max_asymmetry(sym_map, "O") < 0.05
+    assert _max_asymmetry(truth, "O") > 0.5
+    assert _max_asymmetry(sym_map, "O") < 0.02
     for bad in ("C4v", "X"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["reconstruct", str(star), "--out", str(tmp_path / "bad" / "map.mrc"), "--symmetry", bad])
@@ -282,7 +295,4 @@ def test_agrees_with_relion_reconstruct_sym(symbol, tmp_path):
     signal = relion_truth > 0.5
     assert fsc(ours, relion)[shells][signal].min() > 0.8
     assert ours_truth.mean() >= relion_truth.mean() - 0.02
-    assert ours_truth[signal].min() > 0.85
-    # the same particles without the symmetry give a worse map: the group was used
-    plain = reconstruct(particles, box=BOX, pixel_size_angstrom=PX, halves=False, epochs=4, batch_size=32).volume
-    assert fsc(plain, truth)[shells].mean() < ours_truth.mean() - 0.03
+    assert (ours_truth[signal] >= relion_truth[signal] - 0.1).all()
