@@ -119,6 +119,19 @@ def _nonneg_int(text):
     return value
 
 
+def _symmetry(text):
+    """A point-group symbol ('C4', 'd2', 'I'...) in its canonical form; anything else is a usage error."""
+    from jaxcryo.symmetry import canonical_symbol
+
+    try:
+        return canonical_symbol(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_symmetry.__name__ = "symmetry"
+
+
 def _note(args, text: str) -> None:
     """One informational line on stderr (kept even with --quiet: notes are about the input)."""
     print(f"jaxcryo {args.command}: note: {text}", file=sys.stderr)
@@ -369,7 +382,7 @@ def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
     return {"star": os.path.abspath(table.star_path), "star_sha1": digest, "n_particles": len(table), "box": box,
             "pixel_size_angstrom": px, "method": args.method, "batch_size": args.batch_size,
             "interpolation": args.interpolation, "lam": args.lam, "seed": args.seed, "halves": not args.no_halves,
-            "wiener_after": args.wiener_after, "mode": mode}
+            "wiener_after": args.wiener_after, "symmetry": args.symmetry, "mode": mode}
 
 
 def _reconstruct(args) -> int:
@@ -437,7 +450,8 @@ def _reconstruct(args) -> int:
             needed = plan.in_memory_bytes
             how = f"in memory: {plan.describe()}"
         _say(args, f"jaxcryo reconstruct: {n} particles, {box} px, {px:g} Å/px, {args.method}, "
-                   f"{args.epochs} epochs of batch {args.batch_size}, {args.interpolation}; "
+                   f"{args.epochs} epochs of batch {args.batch_size}, {args.interpolation}"
+                   + (f", symmetry {args.symmetry}" if args.symmetry != "C1" else "") + "; "
                    f"memory needed {format_bytes(needed)} ({how}), limit {format_bytes(limit)}")
         if needed > limit:
             raise InputError(
@@ -490,7 +504,7 @@ def _reconstruct(args) -> int:
                                         interpolation=args.interpolation, epochs=args.epochs,
                                         batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
                                         chunk_size=args.chunk_size, resume=resume, callback=on_epoch,
-                                        progress=on_chunk)
+                                        progress=on_chunk, symmetry=args.symmetry)
             images_bar.close()
         else:
             mesh = share = None
@@ -511,7 +525,7 @@ def _reconstruct(args) -> int:
                                  interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
                                  lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch,
                                  devices=None if multi else args.devices, mesh=mesh, share=share,
-                                 wiener_after=args.wiener_after)
+                                 wiener_after=args.wiener_after, symmetry=args.symmetry)
             del particles
         epochs_bar.close()
 
@@ -636,6 +650,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--interpolation", choices=INTERPOLATIONS, default="trilinear",
                      help="Fourier slicing (nufft runs on CPU only)")
     rec.add_argument("--lam", type=float, default=1e-4, metavar="L", help="Tikhonov weight on ||v||^2")
+    rec.add_argument("--symmetry", type=_symmetry, default="C1", metavar="SYM",
+                     help="point group, RELION's notation and axes (as relion_reconstruct --sym): C1, Cn (n-fold "
+                          "about z), Dn (n-fold about z, 2-fold about x), T, O, I (= I2), I1..I4; each image is "
+                          "used at its pose composed with every group element")
     rec.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (half-sets, shuffles, probes)")
     rec.add_argument("--devices", type=pos_int, default=None, metavar="N",
                      help="spread the particles over N local devices (GPUs; default: all of them)")

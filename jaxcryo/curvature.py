@@ -11,7 +11,8 @@ import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch
 from jaxcryo.forward.slicing import slice_stencil
-from jaxcryo.loss import Problem, _scale, sum_over_batches
+from jaxcryo.loss import Problem, _scale, sum_over_batches, symmetry_expand
+from jaxcryo.symmetry import symmetry_matrices
 
 
 def hvp(fun, params, vector, *args):
@@ -48,10 +49,12 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
 
     Each pixel contributes 2 m_p s_p c^2 w_k^2 to each voxel k it reads (real and imaginary
     parts alike): the back-projection of squared weights. For nearest this equals H @ ones.
+    With a symmetry, at every pose A g of the group (each with weight 1/G).
     """
     if problem.interpolation == "nufft":
         raise ValueError("the exact diagonal is available for nearest and trilinear slicing; "
                          "use hutchinson_diagonal for nufft")
+    batch = symmetry_expand(batch, problem)
     scale = _scale(batch, problem, dtype)[..., 0]  # (B, P)
     c2 = ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], dtype) ** 2
     index, weight, _ = jax.vmap(
@@ -60,6 +63,54 @@ def batch_exact_diagonal(batch: Particles, problem: Problem, dtype=jnp.float32):
     n_vox = int(np.prod(problem.grid.volume_shape))
     d = jnp.zeros(n_vox, dtype).at[index.reshape(-1)].add(values.reshape(-1)).reshape(problem.grid.volume_shape)
     return jnp.stack([d, d], -1) + 2.0 * problem.regularizer(dtype)
+
+
+def symmetrize_diagonal(diag, problem: Problem):
+    """Mean of a diagonal (N, N, H[, C]) over ``problem.symmetry``: entry k becomes the mean
+    over g of the entries at g k (trilinear reads, Hermitian fold k -> -k for kx < 0).
+
+    The Hessian of the symmetric objective is invariant under the group, so its diagonal (per
+    Fourier coefficient) is too; a Hutchinson estimate is not, and preconditioning with it
+    would make the iterates lose the symmetry that every gradient has. Entries are taken per
+    coefficient (the kx = 0 and kx = N/2 planes count once, the rest of the half volume twice,
+    as their parameters stand for one or two coefficients). C1: ``diag`` itself.
+    """
+    mats = symmetry_matrices(problem.symmetry)
+    if mats.shape[0] == 1:
+        return diag
+    from jaxcryo.geometry import volume_freqs
+
+    box = problem.grid.box
+    dtype = diag.dtype
+    extra = diag.shape[3:]
+    freqs = volume_freqs(box)
+    half = box // 2 + 1
+    mult = np.where((freqs[..., 0] == 0) | ((box % 2 == 0) & (freqs[..., 0] == box // 2)), 1.0, 2.0)
+    mult = jnp.asarray(mult.reshape(mult.shape + (1,) * len(extra)), dtype)
+    per_coef = diag / mult
+    freqs = jnp.asarray(freqs, dtype)
+
+    def read(g):
+        q = freqs @ g.T
+        q = jnp.where(q[..., :1] < 0, -q, q)  # the Hermitian mate: same diagonal entry
+        f = jnp.floor(q)
+        t = q - f
+        f = f.astype(jnp.int32)
+        out = jnp.zeros_like(per_coef)
+        for dx in (0, 1):
+            for dy in (0, 1):
+                for dz in (0, 1):
+                    w = ((t[..., 0] if dx else 1 - t[..., 0]) * (t[..., 1] if dy else 1 - t[..., 1])
+                         * (t[..., 2] if dz else 1 - t[..., 2]))
+                    x = jnp.clip(f[..., 0] + dx, 0, half - 1)
+                    y = (f[..., 1] + dy) % box
+                    z = (f[..., 2] + dz) % box
+                    out = out + w.reshape(w.shape + (1,) * len(extra)) * per_coef[z, y, x]
+        return out
+
+    total = jax.lax.fori_loop(0, mats.shape[0], lambda j, acc: acc + read(jnp.asarray(mats, dtype)[j]),
+                              jnp.zeros_like(per_coef))
+    return total / mats.shape[0] * mult
 
 
 def exact_diagonal(particles: Particles, problem: Problem, batch_size: int = 256, dtype=jnp.float32):

@@ -8,6 +8,10 @@ weights (1/sigma^2 per shell; white by default), c the CTF, A_i the slice at pos
 
 The loss is quadratic, so the gradient and any number of Hessian-vector products share one
 forward and one adjoint pass (:func:`value_grad_hvp`).
+
+With a point-group symmetry G (``Problem.symmetry``), every image is compared with the slices at
+its pose composed with each group element, A_i g, and its term is the mean over g
+(:func:`symmetry_expand`): the map is symmetric by construction, as relion_reconstruct --sym.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 from jaxcryo.forward.model import Particles, ctf_batch, slices
 from jaxcryo.forward.slicing import INTERPOLATIONS, FourierGrid
 from jaxcryo.geometry import volume_radius
+from jaxcryo.symmetry import canonical_symbol, symmetry_matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Problem:
       shell_weights: optional 1/sigma^2 per Fourier shell (index round(|k|)), a tuple.
       shell_lam: optional extra Tikhonov weight per Fourier shell of the volume (a tuple,
         index round(|k|)): a Wiener-style prior, e.g. from :func:`wiener_shell_lam`.
+      symmetry: point group in RELION's notation ('C1', 'C4', 'D2', 'T', 'O', 'I', ...; see
+        :mod:`jaxcryo.symmetry`); each image is used at its pose composed with every element.
     """
 
     grid: FourierGrid
@@ -40,10 +47,12 @@ class Problem:
     lam: float = 0.0
     shell_weights: tuple | None = None
     shell_lam: tuple | None = None
+    symmetry: str = "C1"
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        object.__setattr__(self, "symmetry", canonical_symbol(self.symmetry))
 
     @property
     def pixel_weights(self) -> np.ndarray:
@@ -80,8 +89,25 @@ def _stack_channels(params, probes):
     return jnp.concatenate([params] + [probes[j] for j in range(probes.shape[0])], axis=-1)
 
 
+def symmetry_expand(batch: Particles, problem: Problem) -> Particles:
+    """The batch with each image repeated for every element g of ``problem.symmetry``.
+
+    B rows -> B G rows (row b G + j is image b at pose A_b g_j, RELION's A times the group
+    matrix), every field repeated and the weights divided by G, so that sums over the rows are
+    each image's mean over the group and sum(weight) is unchanged. C1 returns ``batch`` itself.
+    """
+    ops = symmetry_matrices(problem.symmetry)
+    g = ops.shape[0]
+    if g == 1:
+        return batch
+    out = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), g, axis=0), batch)
+    rot = jnp.einsum("bij,gjk->bgik", batch.rotations, jnp.asarray(ops, batch.rotations.dtype))
+    return out._replace(rotations=rot.reshape(-1, 3, 3), weight=out.weight / g)
+
+
 def forward(volume, batch: Particles, problem: Problem):
-    """CTF-modulated slices (B, P, C) of a pair volume (N, N, H, C)."""
+    """CTF-modulated slices (B, P, C) of a pair volume (N, N, H, C), at the batch's own poses
+    (the loss functions apply the symmetry first, with :func:`symmetry_expand`)."""
     s = slices(volume, batch.rotations, problem.grid, problem.interpolation)
     return s * ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], s.dtype)[..., None]
 
@@ -103,16 +129,20 @@ def loss(params, batch: Particles, problem: Problem, *, weight_total=None):
 
     ``weight_total``: normalise by this instead of sum(batch.weight) (see :func:`_scale`).
     """
+    batch = symmetry_expand(batch, problem)
     r = forward(params, batch, problem) - batch.data
     data_term = jnp.sum(_scale(batch, problem, params.dtype, weight_total) * r * r)
     return data_term + jnp.sum(problem.regularizer(params.dtype) * params * params)
 
 
 def per_image_loss(params, batch: Particles, problem: Problem):
-    """Unweighted data term of each image, (B,): sum_p m_p s_p |c A v - y|^2."""
+    """Unweighted data term of each image, (B,): sum_p m_p s_p |c A v - y|^2 (with a symmetry,
+    its mean over the group's poses A g)."""
+    n = batch.weight.shape[0]
+    batch = symmetry_expand(batch, problem)
     r = forward(params, batch, problem) - batch.data
     pw = jnp.asarray(problem.pixel_weights, params.dtype)
-    return jnp.sum(pw[None, :, None] * r * r, axis=(1, 2))
+    return jnp.sum(pw[None, :, None] * r * r, axis=(1, 2)).reshape(n, -1).mean(1)
 
 
 def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None, *, weight_total=None):
@@ -127,6 +157,7 @@ def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None, *, w
       (loss, grad, hvps) with hvps of shape (k, N, N, H, 2) (None without probes).
     """
     k = 0 if probes is None else probes.shape[0]
+    batch = symmetry_expand(batch, problem)
     volume = _stack_channels(params, probes)
     model, vjp = jax.vjp(lambda v: forward(v, batch, problem), volume)
     scale = _scale(batch, problem, params.dtype, weight_total)

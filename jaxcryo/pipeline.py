@@ -346,7 +346,7 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                           batch_size: int = 128, lam: float = 1e-4, halves: bool = True, seed: int = 0,
                           chunk_size: int = 4096, resume: ReconState | None = None,
                           callback: Callable[[ReconState], Any] | None = None,
-                          progress: Callable[[int], Any] | None = None):
+                          progress: Callable[[int], Any] | None = None, symmetry: str = "C1"):
     """:func:`~jaxcryo.reconstruct.reconstruct` for particle sets larger than memory.
 
     Each epoch visits the particles of each half-set in a fresh random order, ``chunk_size``
@@ -368,7 +368,7 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
     import time
 
     grid = FourierGrid(box)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
     dtype = np.float32
     split_key, key = jax.random.split(jax.random.PRNGKey(seed))
     groups = _split_halves(split_key, len(table), halves)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from jaxcryo import distributed as dist
-from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile
+from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile, symmetrize_diagonal
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
@@ -146,7 +146,7 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         if exact:
             extra["diag_sample"] = diag
         elif probes is not None:
-            extra["diag_sample"] = jnp.mean(probes * hvps, axis=0)
+            extra["diag_sample"] = symmetrize_diagonal(jnp.mean(probes * hvps, axis=0), problem)
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
                                        value_fn=value_fn, **extra)
         params = optax.apply_updates(params, updates)
@@ -273,7 +273,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
-                ) -> Reconstruction:
+                symmetry: str = "C1") -> Reconstruction:
     """Reconstruct a map from particles with known poses.
 
     Args:
@@ -307,9 +307,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
       share: for several processes, the :class:`~jaxcryo.distributed.HostShare` whose rows
         ``particles`` holds (from :func:`jaxcryo.distributed.host_share`); None when every
         process passes the full set.
+      symmetry: point group in RELION's notation ('C1' default, 'C4', 'D2', 'T', 'O', 'I', ...;
+        :mod:`jaxcryo.symmetry`): each image is used at its pose composed with every group
+        element, so the map is symmetric by construction (as relion_reconstruct --sym). A step
+        then costs about G times as much; ValueError for an unknown symbol.
     """
     grid = FourierGrid(box, r_max)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
     dtype = particles.data.dtype
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
