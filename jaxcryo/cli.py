@@ -365,7 +365,7 @@ def _fsc(args) -> int:
     if json_out:
         make_outputs(json_out)
         _write_json(json_out, {"pixel_size_angstrom": px, "resolution_fsc_0.5": res05,
-                                                      "resolution_fsc_0.143": res0143, "curve": rows})
+                               "resolution_fsc_0.143": res0143, "curve": rows})
     print(f"resolution: {res05:.2f} Å at FSC 0.5, {res0143:.2f} Å at FSC 0.143 ({a.shape[0]} px, {px:g} Å/px)"
           + (f"; plot {plot}" if plot else ""))
     return 0
@@ -434,7 +434,7 @@ def _reconstruct(args) -> int:
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
 
         settings = _settings_fingerprint(args, table, box, px, "memory")
-        saved = state = None
+        saved = None
         if os.path.exists(ckpt):
             saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
         # A checkpoint made streaming keeps streaming (its minibatches are drawn within chunks).

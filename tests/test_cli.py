@@ -254,26 +254,25 @@ def test_bad_output_path_refused_before_any_work(command, sim, tmp_path, capsys,
 
 
 def test_sigterm_while_writing_leaves_no_temporary(sim, tmp_path):
-    """SIGTERM arriving while the checkpoint is being written: the CLI stops with status 143 and
-    removes the half-written temporary (the old checkpoint, if any, stays intact)."""
+    """SIGTERM arriving while an output is being written (here fsc's JSON; checkpoints and maps go
+    through the same atomic write): the CLI stops with status 143 and removes the half-written
+    temporary; the file that was there before stays intact."""
     import signal
-    import time
 
     script = (
-        "import sys, time, numpy as np\n"
-        "real = np.savez\n"
-        "def slow(fh, **arrays):\n"
-        "    fh.write(b'half a checkpoint'); fh.flush()\n"
+        "import json, sys, time\n"
+        "def slow(obj, fh, **kw):\n"
+        "    fh.write('{\"half\": '); fh.flush()\n"
         "    print('WRITING', flush=True)\n"
         "    time.sleep(60)\n"
-        "    real(fh, **arrays)\n"
-        "np.savez = slow\n"
+        "json.dump = slow\n"
         "from jaxcryo import cli\n"
         "sys.exit(cli.main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", script, "reconstruct", str(sim / "particles.star"), "--out",
-                             str(tmp_path / "map.mrc"), *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    (tmp_path / "f.json").write_text("old")
+    proc = subprocess.Popen([sys.executable, "-c", script, "fsc", str(sim / "truth.mrc"), str(sim / "truth.mrc"),
+                             "--plot", "", "--json", str(tmp_path / "f.json"), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "WRITING"
         assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # mid-write: the temporary is there
@@ -283,7 +282,7 @@ def test_sigterm_while_writing_leaves_no_temporary(sim, tmp_path):
         proc.kill()
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
-    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"] and (tmp_path / "f.json").read_text() == "old"
 
 
 def test_sigkill_mid_run_then_rerun_gives_the_same_map(sim, uninterrupted, tmp_path, capsys):
