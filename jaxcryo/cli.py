@@ -230,6 +230,7 @@ def _simulate(args) -> int:
 
     import jaxcryo as jc
     from jaxcryo.io import make_table, read_map, write_map, write_particles, write_stack
+    from jaxcryo.io.cryosparc import write_cs
 
     out = check_outputs(args.out, folder=True)[0]
     if args.volume:
@@ -263,8 +264,9 @@ def _simulate(args) -> int:
                        cs_mm=_decimal(c.cs_mm[0]), amplitude_contrast=_decimal(c.amplitude_contrast[0]),
                        box_size=box)
     write_particles(os.path.join(out, "particles.star"), table)
+    write_cs(os.path.join(out, "particles.cs"), table)  # the same particles for cryoSPARC-style input
     write_map(os.path.join(out, "truth.mrc"), volume, voxel_size_angstrom=px)
-    _say(args, f"jaxcryo simulate: wrote {out}/particles.star, particles.mrcs, truth.mrc "
+    _say(args, f"jaxcryo simulate: wrote {out}/particles.star, particles.cs, particles.mrcs, truth.mrc "
                f"(noise sigma {sim.noise_sigma:.3g}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -593,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", formatter_class=_Formatter, help="simulate a RELION 3.1 particle set with known poses",
         description="Project a map at uniformly random poses, apply a random CTF (300 kV, Cs 2.7 mm,\n"
                     "defocus 1-2.5 um, AC 0.1) and random shifts (up to 3 px), add white noise, and write\n"
-                    "DIR/particles.star (RELION 3.1), DIR/particles.mrcs and DIR/truth.mrc.")
+                    "DIR/particles.star (RELION 3.1), DIR/particles.cs (the same particles, cryoSPARC-style),\n"
+                    "DIR/particles.mrcs and DIR/truth.mrc.")
     sim.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     sim.add_argument("--volume", metavar="MAP.mrc", default=None,
                      help="map to project; its box and voxel size replace --box and --pixel-size "
