@@ -42,6 +42,7 @@ for each chunk of Bc = max(1, chunk // L) images Bc*L*P'*(4 + 5K) numbers plus 2
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -379,14 +380,22 @@ def brute_force_scores(volume_pairs, data, ctf, rotations, shifts, grid: Fourier
     radius = np.linalg.norm(grid.freqs, axis=-1)
     mask = jnp.asarray(np.ones_like(radius) if r_limit is None else radius <= float(r_limit) + 1e-9, dtype)
     c = jnp.ones((b, grid.n_pixels), dtype) if ctf is None else jnp.asarray(ctf, dtype)
+    wm = w * mask
     out = np.empty((b, rotations.shape[1], shifts.shape[1]))
     for i in range(rotations.shape[1]):
-        a = slices(volume_pairs, jnp.asarray(rotations[:, i], dtype), grid, interpolation) * c[..., None]
         for j in range(shifts.shape[1]):
-            ramp = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(jnp.asarray(shifts[:, j], dtype))
-            r = complex_multiply(a, ramp) - data
-            out[:, i, j] = np.asarray(-0.5 * jnp.sum((w * mask)[..., None] * r * r, axis=(1, 2)))
+            out[:, i, j] = np.asarray(_one_pose_score(volume_pairs, data, c, wm, jnp.asarray(rotations[:, i], dtype),
+                                                      jnp.asarray(shifts[:, j], dtype), grid, interpolation))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "interpolation"))
+def _one_pose_score(volume_pairs, data, c, weights, rotations, shifts, grid, interpolation):
+    """(B,) scores of each image at its own pose and shift on the whole grid (weights masked)."""
+    a = slices(volume_pairs, rotations, grid, interpolation) * c[..., None]
+    ramp = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(shifts)
+    r = complex_multiply(a, ramp) - data
+    return -0.5 * jnp.sum(weights[..., None] * r * r, axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------- posteriors
