@@ -212,6 +212,54 @@ class _PixelSet(NamedTuple):
     freqs: np.ndarray
 
 
+def _centred_cube(volume_pairs, half_width: int):
+    """The full Fourier transform on the cube -c..c (c = half_width), (D^3, 2) with D = 2c + 1,
+    flat index ((z + c) D + y + c) D + x + c: stored voxels for x >= 0, conjugated mates
+    V(-k) = conj V(k) for x < 0, the same voxels (and aliasing) that slicing.slice_stencil's
+    fold reads. Requires c <= N/2."""
+    n = volume_pairs.shape[0]
+    k = np.arange(-half_width, half_width + 1)
+    z, y, x = np.meshgrid(k, k, k, indexing="ij")
+    mirror = x < 0
+    sgn = np.where(mirror, -1, 1)
+    flat = ((sgn * z) % n) * (n * (n // 2 + 1)) + ((sgn * y) % n) * (n // 2 + 1) + sgn * x
+    rows = volume_pairs.reshape(-1, volume_pairs.shape[-1])[flat.ravel()]
+    imag_sign = jnp.asarray(np.stack([np.ones(flat.size), sgn.ravel()], -1), volume_pairs.dtype)
+    return rows * imag_sign
+
+
+_CORNERS = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(8, 3)  # (dx, dy, dz)
+
+
+def _cube_slices(cube, half_width: int, rotations, freqs, interpolation: str):
+    """Central slices (K, P', 2) at K rotations read from :func:`_centred_cube`; equal to
+    ``forward.model.slices`` for |k| + 1 <= half_width (no fold, no bounds checks: one base
+    index per pixel plus constant corner offsets)."""
+    d = 2 * half_width + 1
+    p = jnp.einsum("pi,kij->kpj", jnp.asarray(freqs, cube.dtype), rotations[:, :2, :])  # (K, P', 3) x, y, z
+    strides = jnp.asarray([1, d, d * d], jnp.int32)
+    if interpolation == "nearest":
+        q = jnp.round(p).astype(jnp.int32) + half_width
+        return cube[jnp.sum(q * strides, -1)]
+    base = jnp.floor(p)
+    frac = p - base
+    index = jnp.sum((base.astype(jnp.int32) + half_width) * strides, -1)  # (K, P')
+    offsets = jnp.asarray(_CORNERS @ np.array([1, d, d * d]), jnp.int32)  # (8,)
+    corners = jnp.asarray(_CORNERS, cube.dtype)
+    weight = jnp.prod(jnp.where(corners > 0, frac[..., None, :], 1 - frac[..., None, :]), -1)  # (K, P', 8)
+    rows = cube[index[..., None] + offsets]  # (K, P', 8, 2)
+    return jnp.einsum("kpe,kpec->kpc", weight, rows)
+
+
+def _projector(volume_pairs, pix: _PixelSet, interpolation: str):
+    """rotations (K, 3, 3) -> slices (K, P', 2) of the volume at the selected pixels."""
+    half_width = int(np.ceil(np.linalg.norm(pix.freqs, axis=-1).max())) + 1
+    if interpolation in ("nearest", "trilinear") and half_width <= pix.box // 2:
+        cube = _centred_cube(volume_pairs, half_width)
+        return lambda r: _cube_slices(cube, half_width, r, pix.freqs, interpolation)
+    return lambda r: slices(volume_pairs, r, pix, interpolation)
+
+
 def score_pixels(grid: FourierGrid, r_limit: float | None) -> np.ndarray:
     """Indices (P',) of the grid's pixels with |k| <= r_limit (all of them for None)."""
     radius = np.linalg.norm(grid.freqs, axis=-1)
@@ -276,6 +324,7 @@ def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     s = shifts.shape[0]
     idx = score_pixels(grid, r_limit)
     pix = _PixelSet(grid.box, grid.freqs[idx])
+    project = _projector(volume_pairs, pix, interpolation)
     p = idx.size
     y = data[:, idx, :]
     w = _weights(grid, pixel_weights, idx, b, dtype)
@@ -296,7 +345,7 @@ def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     rot = rot.reshape(n_chunks, size, 3, 3)
 
     def one(rc):
-        a = slices(volume_pairs, rc, pix, interpolation)  # (C, P', 2)
+        a = project(rc)  # (C, P', 2)
         cross = jnp.matmul(lhs, a.reshape(size, 2 * p).T, precision=precision)  # (B*S, C)
         norm = jnp.matmul(cw2, jnp.sum(a * a, -1).T, precision=precision)  # (B, C)
         return -0.5 * (yy[:, None, None] - 2.0 * cross.reshape(b, s, size) + norm[:, None, :])
@@ -325,6 +374,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     s = shifts.shape[1]
     idx = score_pixels(grid, r_limit)
     pix = _PixelSet(grid.box, grid.freqs[idx])
+    project = _projector(volume_pairs, pix, interpolation)
     p = idx.size
     y = data[:, idx, :]
     w = _weights(grid, pixel_weights, idx, b, dtype)
@@ -344,7 +394,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
 
     def one(args):
         yc, wc, cc, rc, tc = args
-        a = slices(volume_pairs, rc.reshape(per * n_rot, 3, 3), pix, interpolation)
+        a = project(rc.reshape(per * n_rot, 3, 3))
         a = a.reshape(per, n_rot, 2 * p)
         ramps = jax.vmap(jax.vmap(lambda t: shift_phase(pix.freqs, t, grid.box)))(tc)  # (per, S, P', 2)
         lhs = (conj_multiply(ramps, yc[:, None]) * (cc * wc)[:, None, :, None]).reshape(per, s, 2 * p)
