@@ -151,47 +151,47 @@ def shift_grid(max_px: float, step_px: float, dtype=np.float32) -> np.ndarray:
 
 
 def axis_angle_to_matrix(omega):
-    """Rotation vectors (..., 3) in radians -> matrices (..., 3, 3) (Rodrigues' formula)."""
-    omega = np.asarray(omega, np.float64)
-    theta = np.linalg.norm(omega, axis=-1)[..., None, None]
+    """Rotation vectors (..., 3) in radians -> matrices (..., 3, 3) (Rodrigues' formula; jnp)."""
+    omega = jnp.asarray(omega)
+    theta = jnp.linalg.norm(omega, axis=-1)[..., None, None]
     x, y, z = omega[..., 0], omega[..., 1], omega[..., 2]
-    zero = np.zeros_like(x)
-    k = np.stack([np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1),
-                  np.stack([-y, x, zero], -1)], -2)
-    safe = np.where(theta > 0, theta, 1.0)
-    a = np.where(theta > 0, np.sin(theta) / safe, 1.0)
-    b = np.where(theta > 0, (1 - np.cos(theta)) / safe ** 2, 0.5)
-    return np.eye(3) + a * k + b * (k @ k)
+    zero = jnp.zeros_like(x)
+    k = jnp.stack([jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1),
+                   jnp.stack([-y, x, zero], -1)], -2)
+    safe = jnp.where(theta > 0, theta, 1.0)
+    a = jnp.where(theta > 0, jnp.sin(safe) / safe, 1.0)
+    b = jnp.where(theta > 0, (1 - jnp.cos(safe)) / safe ** 2, 0.5)
+    return jnp.eye(3, dtype=omega.dtype) + a * k + b * (k @ k)
 
 
-def local_offsets(step_deg: float, n: int = 1) -> np.ndarray:
+def local_offsets(step_deg, n: int = 1, dtype=jnp.float32):
     """The (2n+1)^3 perturbations dR (L, 3, 3) of :func:`local_rotations`: rotation vectors
     on the cube step * {-n..n}^3 (radians from degrees); index L // 2 is the identity.
-    Each is a rotation by at most sqrt(3) * n * step degrees."""
-    r = np.arange(-int(n), int(n) + 1) * np.deg2rad(float(step_deg))
-    cube = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    return axis_angle_to_matrix(cube)
+    Each is a rotation by at most sqrt(3) * n * step degrees. ``step_deg`` may be traced."""
+    r = np.arange(-int(n), int(n) + 1, dtype=np.float64)
+    cube = jnp.asarray(np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3), dtype)
+    return axis_angle_to_matrix(cube * jnp.deg2rad(jnp.asarray(step_deg, dtype)))
 
 
-def local_rotations(centers, step_deg: float, n: int = 1):
+def local_rotations(centers, step_deg, n: int = 1):
     """Candidate rotations (B, L, 3, 3) around each particle's pose, L = (2n+1)^3.
 
     Candidate l of particle b is ``centers[b] @ dR_l`` with dR_l from :func:`local_offsets`
     (a rotation vector on the cube step_deg * {-n..n}^3), so its geodesic distance to the
     centre is |omega_l| <= sqrt(3) n step_deg; index L // 2 is the centre itself.
+    ``step_deg`` may be a traced scalar (changing it does not recompile); ``n`` is static.
     """
     centers = jnp.asarray(centers)
-    d = jnp.asarray(local_offsets(step_deg, n), centers.dtype)
-    return jnp.einsum("bij,ljk->blik", centers, d)
+    return jnp.einsum("bij,ljk->blik", centers, local_offsets(step_deg, n, centers.dtype))
 
 
-def local_shifts(centers, step_px: float, n: int = 1):
+def local_shifts(centers, step_px, n: int = 1):
     """Candidate shifts (B, Ls, 2) in pixels on the square centres + step_px * {-n..n}^2,
-    Ls = (2n+1)^2; index Ls // 2 is the centre itself."""
+    Ls = (2n+1)^2; index Ls // 2 is the centre itself. ``step_px`` may be traced."""
     centers = jnp.asarray(centers)
-    r = np.arange(-int(n), int(n) + 1) * float(step_px)
+    r = np.arange(-int(n), int(n) + 1, dtype=np.float64)
     yy, xx = np.meshgrid(r, r, indexing="ij")
-    offs = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1), centers.dtype)
+    offs = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1), centers.dtype) * jnp.asarray(step_px, centers.dtype)
     return centers[:, None, :] + offs[None]
 
 

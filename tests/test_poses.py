@@ -107,7 +107,12 @@ def test_local_candidates_around_center():
         pair = poses.geodesic_distance_deg(cand[0][:, None], cand[0][None])
         np.fill_diagonal(pair, np.inf)
         assert pair.min() > 0.9 * step  # all distinct
-    ts = np.asarray(poses.local_shifts(jnp.asarray([[0.5, -1.0]]), 0.25, 1))
+    # the steps may be traced: one compiled function for every step
+    traced = jax.jit(lambda c, st: poses.local_rotations(c, st, 1))
+    for step in (2.5, 1.25):
+        np.testing.assert_allclose(np.asarray(traced(jnp.asarray(centers), step)),
+                                   np.asarray(poses.local_rotations(jnp.asarray(centers), step, 1)), atol=1e-6)
+    ts = np.asarray(jax.jit(lambda c, st: poses.local_shifts(c, st, 1))(jnp.asarray([[0.5, -1.0]]), 0.25))
     assert ts.shape == (1, 9, 2)
     np.testing.assert_allclose(ts[0, 4], [0.5, -1.0])
     assert np.abs(ts[0] - [0.5, -1.0]).max() == pytest.approx(0.25)
