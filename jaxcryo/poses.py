@@ -28,17 +28,24 @@ shift t0 they were prepared with (t0 = rlnOriginX/YAngst / pixel size). A score 
 compares them with the projection translated by -t; the particle's refined origin is
 **t0 + t** (pixels; times the pixel size for rlnOriginX/YAngst).
 
+Slicing here reads a centred full Fourier cube of edge D = 2 (ceil(r_limit) + 1) + 1 built
+once per call from the half volume (one base index per pixel, constant corner offsets, no
+fold); it equals :func:`jaxcryo.forward.model.slices` (tested) and is about twice as fast.
+
 Memory (float32, 4 bytes per number) of :func:`score_poses` with B images, S shifts, M
-rotations, P' pixels and chunk size C = min(chunk, M):
+rotations, P' pixels and chunk size C = min(chunk, M), trilinear:
 
-    4 * [ 2 B S P'              shifted, weighted images (kept for the whole scan)
-        + C P' (2 + 2 + 3K)     projections, their power, slice stencil (K = 8 trilinear, 1 nearest)
-        + 2 C P' K              gathered voxels before interpolation
-        + B S C                 one chunk of scores
-        + 2 B S M ]             all scores, and their (B, M, S) transpose
+    4 bytes * ( 2 B S P'      shifted, CTF- and noise-weighted images (kept for the whole scan)
+              + ~40 C P'      one chunk's slices: coordinates, 8 weights, 8 gathered pairs
+              + B S C         one chunk's cross term
+              + 2 B S M       all scores and their (B, M, S) transpose
+              + 2 D^3 )       the cube
 
-so it grows like B*S*(P' + M) and, through the chunk, like C*P'. :func:`score_local` holds
-for each chunk of Bc = max(1, chunk // L) images Bc*L*P'*(4 + 5K) numbers plus 2*Bc*Ls*P'.
+(nearest: ~10 C P' for the slices). So it grows like B*S*(P' + M) and, through the chunk,
+like C*P'; choose C so that 40 C P' fits beside the B*S*M output. Example: B = 128, S = 13,
+M = 36864 (7.5 degrees), r_limit = 32 (P' ~ 1600), C = 4096: 21 MB + 1 GB + 27 MB + 490 MB.
+:func:`score_local` holds, per chunk of Bc = max(1, chunk // L) images, ~40 Bc L P' + 2 Bc S P'
++ Bc L S numbers, and 2 B L S for its output.
 """
 from __future__ import annotations
 
@@ -406,6 +413,27 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
 
     out = jax.lax.map(one, xs)  # (n_chunks, per, L, S)
     return out.reshape(n_chunks * per, n_rot, s)[:b]
+
+
+def memory_bytes(n_images: int, n_rotations: int, n_shifts: int, grid: FourierGrid, *,
+                 r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
+                 local: bool = False, itemsize: int = 4) -> int:
+    """Upper estimate of the scratch and output bytes of one :func:`score_poses` call
+    (``local=False``; n_rotations = M shared) or :func:`score_local` call (``local=True``;
+    n_rotations = L per image), following the formula in the module docstring. Checked
+    against XLA's compiled memory analysis in the tests (it is within about 2x above it)."""
+    b, m, s = int(n_images), int(n_rotations), int(n_shifts)
+    p = int(score_pixels(grid, r_limit).size)
+    d = 2 * (int(np.ceil(np.linalg.norm(grid.freqs[score_pixels(grid, r_limit)], axis=-1).max())) + 1) + 1
+    per_pixel = 40 if interpolation == "trilinear" else 10
+    inputs = 4 * b * p  # selected images, weights, CTF
+    if local:
+        per = max(1, min(b, chunk // max(m, 1)))
+        n = inputs + per_pixel * per * m * p + 4 * per * s * p + per * m * s + 2 * b * m * s + 2 * d ** 3
+    else:
+        c = min(chunk, m)
+        n = inputs + 2 * b * s * p + per_pixel * c * p + b * s * c + 2 * b * s * m + 2 * d ** 3
+    return int(itemsize * n)
 
 
 def brute_force_scores(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,

@@ -120,8 +120,10 @@ def test_local_candidates_around_center():
 
 # ----------------------------------------------------------------------------- scores vs loops
 
-@pytest.mark.parametrize("interpolation", ["trilinear", "nearest"])
+@pytest.mark.parametrize("interpolation", ["trilinear", "nearest", "nufft"])
 def test_dense_scores_equal_brute_force(rng, interpolation):
+    if interpolation == "nufft":
+        pytest.importorskip("jax_finufft")
     grid = FourierGrid(12)
     vol = _volume(12)
     b = 3
@@ -337,3 +339,23 @@ def test_pose_stage_slices_equal_forward_slices(rng, interpolation):
         ref = jax.jit(slices, static_argnums=(2, 3))(vol, rot, grid, interpolation)
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref)[:, idx],
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_memory_estimate_bounds_compiled_memory(local):
+    """poses.memory_bytes (the docstring's formula) is an upper bound, within 3x, of what XLA
+    allocates for scratch and outputs of the compiled search."""
+    sd, f32 = jax.ShapeDtypeStruct, jnp.float32
+    grid = FourierGrid(32)
+    b, m, s, chunk = (16, 27, 9, 200) if local else (16, 576, 13, 256)
+    rot = sd((b, m, 3, 3) if local else (m, 3, 3), f32)
+    sh = sd((b, s, 2) if local else (s, 2), f32)
+    fn = poses.score_local if local else poses.score_poses
+    compiled = jax.jit(functools.partial(fn, grid=grid, r_limit=8.0, chunk=chunk)).lower(
+        sd(grid.volume_shape + (2,), f32), sd((b, grid.n_pixels, 2), f32), sd((b, grid.n_pixels), f32), rot, sh).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    used = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    estimate = poses.memory_bytes(b, m, s, grid, r_limit=8.0, chunk=chunk, local=local)
+    assert used <= estimate <= 3 * used
