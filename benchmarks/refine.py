@@ -158,7 +158,8 @@ def main(argv=None):
                      f"{r['projection_fraction']:.2f} | {r['rel_error_dense_vs_loop']:.1e} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"pose_stage_{tag}.md"), "w") as f:
-        f.write(f"Pose-stage throughput on {result['machine']['device']} ({result['machine']['cpu_count']} CPUs, "
+        f.write(f"Pose-stage throughput on {result['machine']['processor']} ({result['machine']['jax_backend']}, "
+                f"{result['machine']['cpu_count']} CPUs, "
                 f"load average before {load_before[0]:.1f}).\n\n{table}\n")
     print(table)
 
