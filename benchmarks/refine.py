@@ -154,7 +154,8 @@ def main(argv=None):
     for r in rows:
         lines.append(f"| {r['box']} | {r['r_limit']:g} | {r['pixels_used']} | {r['batch']} | {r['rotations']} | "
                      f"{r['shifts']} | {r['comparisons_per_s']:.3g} | {r['score_gflops']:.3g} | "
-                     f"{r['matmul_gflops']:.3g} | {r['fraction_of_matmul_rate']:.2f} ({r['fraction_of_matmul_rate_best']:.2f}) | "
+                     f"{r['matmul_gflops']:.3g} | {r['fraction_of_matmul_rate']:.2f} "
+                     f"({r['fraction_of_matmul_rate_best']:.2f}) | "
                      f"{r['projection_fraction']:.2f} | {r['rel_error_dense_vs_loop']:.1e} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"pose_stage_{tag}.md"), "w") as f:

@@ -91,7 +91,8 @@ def test_shift_grid():
     assert len({tuple(x) for x in s}) == 13
     np.testing.assert_allclose(s / 1.0, np.round(s))
     assert poses.shift_grid(0.0, 1.0).shape == (1, 2)
-    assert poses.shift_grid(3.0, 0.5).shape[0] == np.sum(np.hypot(*np.meshgrid(np.arange(-6, 7), np.arange(-6, 7))) <= 6)
+    lattice = np.meshgrid(np.arange(-6, 7), np.arange(-6, 7))
+    assert poses.shift_grid(3.0, 0.5).shape[0] == np.sum(np.hypot(*lattice) <= 6)
 
 
 def test_local_candidates_around_center():
@@ -177,8 +178,8 @@ def test_score_is_minus_half_the_loss(rng):
     ctf = _ctf_values(cp, grid, b)
     scores = score_local(vol, parts.data, ctf, rot[:, None], jnp.zeros((1, 2)), grid,
                                pixel_weights=problem.pixel_weights)
-    np.testing.assert_allclose(np.asarray(scores[:, 0, 0]), -0.5 * np.asarray(jax.jit(per_image_loss, static_argnums=2)(vol, parts, problem)),
-                               rtol=1e-5)
+    loss = jax.jit(per_image_loss, static_argnums=2)(vol, parts, problem)
+    np.testing.assert_allclose(np.asarray(scores[:, 0, 0]), -0.5 * np.asarray(loss), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- recovery
@@ -351,8 +352,8 @@ def test_memory_estimate_bounds_compiled_memory(local):
     rot = sd((b, m, 3, 3) if local else (m, 3, 3), f32)
     sh = sd((b, s, 2) if local else (s, 2), f32)
     fn = poses.score_local if local else poses.score_poses
-    compiled = jax.jit(functools.partial(fn, grid=grid, r_limit=8.0, chunk=chunk)).lower(
-        sd(grid.volume_shape + (2,), f32), sd((b, grid.n_pixels, 2), f32), sd((b, grid.n_pixels), f32), rot, sh).compile()
+    shapes = (sd(grid.volume_shape + (2,), f32), sd((b, grid.n_pixels, 2), f32), sd((b, grid.n_pixels), f32), rot, sh)
+    compiled = jax.jit(functools.partial(fn, grid=grid, r_limit=8.0, chunk=chunk)).lower(*shapes).compile()
     analysis = compiled.memory_analysis()
     if analysis is None:
         pytest.skip("this backend reports no memory analysis")
