@@ -300,30 +300,10 @@ def _check(volume_pairs, data, grid):
         raise ValueError(f"data must be (B, {grid.n_pixels}, 2) for this grid, got {data.shape}")
 
 
-def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
-                r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
-                precision=None):
-    """Log-likelihoods (B, M, S) of B images against M rotations x S shifts (a global search).
-
-    Args:
-      volume_pairs: (N, N, N//2+1, 2) pair volume (one half-map).
-      data: (B, P, 2) image pairs on ``grid`` as in Particles (translated back by their shift t0).
-      ctf: (B, P) CTF values (e.g. ``forward.model.ctf_batch``), or None.
-      rotations: (M, 3, 3) RELION matrices shared by all images (e.g. :func:`so3_grid`).
-      shifts: (S, 2) additional shifts t in pixels (e.g. :func:`shift_grid`); the best pose's
-        origin is t0 + t (see the module docstring).
-      grid: the images' FourierGrid.
-      pixel_weights: (P,) or (B, P) full per-pixel weights, multiplicity included
-        (``Problem.pixel_weights``); None: the multiplicity (white noise, sigma = 1).
-      r_limit: use only pixels with |k| <= r_limit (Fourier pixels); None: all of the grid's.
-      interpolation: 'nearest', 'trilinear' or 'nufft' (as the volume was fitted).
-      chunk: rotations per step of the scan (bounds memory: see the module docstring).
-      precision: passed to the matrix products (e.g. ``jax.lax.Precision.HIGHEST`` on GPUs,
-        whose default float32 products round to TF32).
-    Returns:
-      (B, M, S) scores -1/2 sum_p w |y - c A_R v phase_t|^2 (including the ||y||^2 term, so a
-      score equals minus half :func:`jaxcryo.loss.per_image_loss` at that pose).
-    """
+def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights, r_limit, interpolation,
+                   chunk, precision):
+    """The scan of :func:`score_poses`: (one, rotation chunks, sizes), ``one(chunk (C, 3, 3))`` giving
+    the chunk's scores (B, S, C); padding rotations (identity) fill the last chunk."""
     _check(volume_pairs, data, grid)
     dtype = data.dtype
     b = data.shape[0]
@@ -357,9 +337,82 @@ def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
         norm = jnp.matmul(cw2, jnp.sum(a * a, -1).T, precision=precision)  # (B, C)
         return -0.5 * (yy[:, None, None] - 2.0 * cross.reshape(b, s, size) + norm[:, None, :])
 
+    return one, rot, (b, m, s, size)
+
+
+def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
+                r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
+                precision=None):
+    """Log-likelihoods (B, M, S) of B images against M rotations x S shifts (a global search).
+
+    Args:
+      volume_pairs: (N, N, N//2+1, 2) pair volume (one half-map).
+      data: (B, P, 2) image pairs on ``grid`` as in Particles (translated back by their shift t0).
+      ctf: (B, P) CTF values (e.g. ``forward.model.ctf_batch``), or None.
+      rotations: (M, 3, 3) RELION matrices shared by all images (e.g. :func:`so3_grid`).
+      shifts: (S, 2) additional shifts t in pixels (e.g. :func:`shift_grid`); the best pose's
+        origin is t0 + t (see the module docstring).
+      grid: the images' FourierGrid.
+      pixel_weights: (P,) or (B, P) full per-pixel weights, multiplicity included
+        (``Problem.pixel_weights``); None: the multiplicity (white noise, sigma = 1).
+      r_limit: use only pixels with |k| <= r_limit (Fourier pixels); None: all of the grid's.
+      interpolation: 'nearest', 'trilinear' or 'nufft' (as the volume was fitted).
+      chunk: rotations per step of the scan (bounds memory: see the module docstring).
+      precision: passed to the matrix products (e.g. ``jax.lax.Precision.HIGHEST`` on GPUs,
+        whose default float32 products round to TF32).
+    Returns:
+      (B, M, S) scores -1/2 sum_p w |y - c A_R v phase_t|^2 (including the ||y||^2 term, so a
+      score equals minus half :func:`jaxcryo.loss.per_image_loss` at that pose).
+    """
+    one, rot, (b, m, s, size) = _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights,
+                                               r_limit, interpolation, chunk, precision)
+    n_chunks = rot.shape[0]
     out = jax.lax.map(one, rot)  # (n_chunks, B, S, C)
     out = jnp.transpose(out, (1, 0, 3, 2)).reshape(b, n_chunks * size, s)
     return out[:, :m]
+
+
+def search_top_k(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, k: int,
+                 temperature: float = 1.0, pixel_weights=None, r_limit: float | None = None,
+                 interpolation: str = "trilinear", chunk: int = 4096, precision=None):
+    """:func:`top_k` of :func:`score_poses` without holding all B x M x S scores.
+
+    Same arguments and result as ``top_k(score_poses(...), k, temperature)`` (idx_rot,
+    idx_shift, weights, max_prob), but the scan over rotation chunks carries each image's best
+    k scores and a running log-sum-exp, so memory is that of one chunk: 4 bytes x
+    (2 B S P' + ~40 C P' + 3 B S C + 2 B k), independent of M (fine global grids: HEALPix
+    order 3-4 at any batch size). ``k`` is static.
+    """
+    one, rot, (b, m, s, size) = _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights,
+                                               r_limit, interpolation, chunk, precision)
+    k = int(k)
+    if not 1 <= k <= m * s:
+        raise ValueError(f"k must be in 1..{m * s} (rotations x shifts), got {k}")
+    dtype = data.dtype
+    neg_inf = jnp.asarray(-jnp.inf, dtype)
+
+    def body(carry, xs):
+        vals, index, lse = carry
+        start, rc = xs
+        scores = jnp.transpose(one(rc), (0, 2, 1)) / temperature  # (B, C, S): (M, S) order, as top_k
+        rot_index = start + jnp.arange(size)
+        scores = jnp.where(rot_index[None, :, None] < m, scores, neg_inf)  # padding rotations
+        flat_index = (rot_index[:, None] * s + jnp.arange(s)[None, :]).reshape(-1)  # (C*S,) index into (M, S)
+        flat = scores.reshape(b, size * s)
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(flat, axis=-1))
+        kk = min(k, s * size)
+        v, i = jax.lax.top_k(flat, kk)
+        both_vals = jnp.concatenate([vals, v], axis=1)
+        both_index = jnp.concatenate([index, flat_index[i]], axis=1)
+        # earlier chunks first, so ties keep the lower (M, S) index, as lax.top_k over all scores
+        best, j = jax.lax.top_k(both_vals, k)
+        return (best, jnp.take_along_axis(both_index, j, axis=1), lse), None
+
+    init = (jnp.full((b, k), -jnp.inf, dtype), jnp.zeros((b, k), jnp.int32), jnp.full((b,), -jnp.inf, dtype))
+    starts = jnp.arange(rot.shape[0], dtype=jnp.int32) * size
+    (vals, index, lse), _ = jax.lax.scan(body, init, (starts, rot))
+    weights = jax.nn.softmax(vals, axis=-1)
+    return index // s, index % s, weights, jnp.exp(vals[:, 0] - lse)
 
 
 def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,

@@ -360,3 +360,30 @@ def test_memory_estimate_bounds_compiled_memory(local):
     used = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
     estimate = poses.memory_bytes(b, m, s, grid, r_limit=8.0, chunk=chunk, local=local)
     assert used <= estimate <= 3 * used
+
+
+def test_search_top_k_equals_top_k_of_all_scores_in_bounded_memory(rng):
+    grid = FourierGrid(12)
+    vol = _volume(12)
+    b = 3
+    data = jnp.asarray(rng.standard_normal((b, grid.n_pixels, 2)) * 0.3, jnp.float32)
+    ctf = _ctf_values(_ctf(rng, b), grid, b)
+    rot = jnp.asarray(poses.so3_grid(1)[::5])  # 116 rotations: chunks of 17 leave padding
+    sh = jnp.asarray(poses.shift_grid(1.5, 0.75))
+    search = jax.jit(poses.search_top_k, static_argnames=_STATIC + ("k",))
+    for chunk, k, temperature in ((17, 5, 1.0), (7, 40, 2.5)):
+        ref = poses.top_k(score_poses(vol, data, ctf, rot, sh, grid, r_limit=4.5, chunk=chunk), k, temperature)
+        got = search(vol, data, ctf, rot, sh, grid, k=k, temperature=temperature, r_limit=4.5, chunk=chunk)
+        for r, g in zip(ref[:2], got[:2]):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+        for r, g in zip(ref[2:], got[2:]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7)
+    # memory: a 36864-rotation search holds one chunk, not the B x M x S scores
+    sd, f32 = jax.ShapeDtypeStruct, jnp.float32
+    b, m, s = 64, 36864, 13
+    shapes = (sd(grid.volume_shape + (2,), f32), sd((b, grid.n_pixels, 2), f32), sd((b, grid.n_pixels), f32),
+              sd((m, 3, 3), f32), sd((s, 2), f32))
+    compiled = jax.jit(functools.partial(poses.search_top_k, grid=grid, k=4, chunk=512)).lower(*shapes).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        assert analysis.temp_size_in_bytes < 0.1 * 4 * b * m * s
