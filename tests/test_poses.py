@@ -387,3 +387,20 @@ def test_search_top_k_equals_top_k_of_all_scores_in_bounded_memory(rng):
     analysis = compiled.memory_analysis()
     if analysis is not None:
         assert analysis.temp_size_in_bytes < 0.1 * 4 * b * m * s
+
+
+def test_dense_scores_equal_brute_force_float64(rng):
+    """In float64 the dense products and the loop agree to rounding (1e-12), for a random
+    half volume (non-Hermitian kx = 0 plane), random CTF values and weights."""
+    with jax.enable_x64(True):
+        grid = FourierGrid(10)
+        vol = jnp.asarray(rng.standard_normal(grid.volume_shape + (2,)))
+        data = jnp.asarray(rng.standard_normal((2, grid.n_pixels, 2)))
+        ctf = jnp.asarray(rng.standard_normal((2, grid.n_pixels)))
+        w = jnp.asarray(rng.uniform(0, 2, grid.n_pixels))
+        rot = jnp.asarray(poses.so3_grid(0, dtype=np.float64)[::4])
+        sh = jnp.asarray(poses.shift_grid(1.0, 0.5, dtype=np.float64))
+        dense = poses.score_poses(vol, data, ctf, rot, sh, grid, pixel_weights=w, r_limit=3.5, chunk=10)
+        loop = poses.brute_force_scores(vol, data, ctf, rot, sh, grid, pixel_weights=w, r_limit=3.5)
+        assert dense.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(dense), loop, rtol=1e-12, atol=1e-12 * np.abs(loop).max())
