@@ -315,18 +315,24 @@ def _ctf(ctf, idx, n, dtype):
     return jnp.asarray(ctf, dtype)[:, idx]
 
 
-def _check(volume_pairs, data, grid):
+def _check(volume_pairs, data, grid, rotations, shifts, local=False):
     if tuple(volume_pairs.shape[:3]) != grid.volume_shape:
         raise ValueError(f"volume has shape {volume_pairs.shape}, the grid needs {grid.volume_shape} + (2,)")
     if data.ndim != 3 or data.shape[1] != grid.n_pixels:
         raise ValueError(f"data must be (B, {grid.n_pixels}, 2) for this grid, got {data.shape}")
+    want = "(B, L, 3, 3)" if local else "(M, 3, 3)"
+    rs, ts = np.shape(rotations), np.shape(shifts)
+    if len(rs) != (4 if local else 3) or rs[-2:] != (3, 3) or (local and rs[0] != data.shape[0]):
+        raise ValueError(f"rotations must be {want} with B = {data.shape[0]}, got {rs}")
+    if len(ts) not in ((2, 3) if local else (2,)) or ts[-1] != 2 or (len(ts) == 3 and ts[0] != data.shape[0]):
+        raise ValueError(f"shifts must be {'(B, S, 2) or ' if local else ''}(S, 2), got {ts}")
 
 
 def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights, r_limit, interpolation,
                    chunk, precision):
     """The scan of :func:`score_poses`: (one, rotation chunks, sizes), ``one(chunk (C, 3, 3))`` giving
     the chunk's scores (B, S, C); padding rotations (identity) fill the last chunk."""
-    _check(volume_pairs, data, grid)
+    _check(volume_pairs, data, grid, rotations, shifts)
     dtype = data.dtype
     b = data.shape[0]
     m = rotations.shape[0]
@@ -450,7 +456,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     :func:`local_shifts`) or (S, 2) shared by all images. Images are processed in chunks of
     max(1, chunk // L) under ``lax.map``.
     """
-    _check(volume_pairs, data, grid)
+    _check(volume_pairs, data, grid, rotations, shifts, local=True)
     dtype = data.dtype
     b, n_rot = rotations.shape[:2]
     shifts = jnp.asarray(shifts, dtype)
