@@ -115,20 +115,30 @@ def _prepare_fn(grid: FourierGrid):
 
 
 def load_particles(table: ParticleTable, stack: ParticleStack, grid: FourierGrid, *, chunk_size: int = 1024,
-                   dtype=np.float32, progress: Callable[[int], Any] | None = None) -> Particles:
+                   dtype=np.float32, progress: Callable[[int], Any] | None = None,
+                   optics_groups=None) -> Particles:
     """All particles of a table in memory as Fourier pairs (numpy), read and transformed chunk by chunk.
 
     ``progress(k)`` is called with the number of images done after each chunk. Peak memory is
-    the pairs plus a few chunks of images.
+    the pairs plus a few chunks of images. Each particle's ``noise_group`` is the position of
+    its rlnOpticsGroup in ``optics_groups`` (sorted group numbers; default: this table's), so
+    the noise model is estimated per optics group; pass the whole STAR's groups when ``table``
+    is one process's share.
     """
     n = len(table)
+    ids = np.unique(table.optics_group) if optics_groups is None else np.asarray(optics_groups, np.int64)
+    noise_group = np.searchsorted(ids, table.optics_group)
+    if np.any(noise_group >= len(ids)) or np.any(ids[np.minimum(noise_group, len(ids) - 1)] != table.optics_group):
+        raise ValueError(f"{table.star_path}: optics groups {np.setdiff1d(table.optics_group, ids).tolist()} "
+                         f"are not among optics_groups {ids.tolist()}")
     data = np.empty((n, grid.n_pixels, 2), dtype)
     for rows, chunk in iter_particle_chunks(table, stack, grid, chunk_size=chunk_size, dtype=dtype):
         data[rows] = chunk.data
         if progress is not None:
             progress(len(rows))
     rotations, _, ctf = table_poses(table, dtype=dtype)
-    return Particles(data=data, rotations=rotations, ctf=ctf, weight=np.ones(n, dtype))
+    return Particles(data=data, rotations=rotations, ctf=ctf, weight=np.ones(n, dtype),
+                     noise_group=noise_group.astype(np.int32))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -333,7 +343,7 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                 progress(int(np.sum(np.asarray(part.weight))))
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - t0
-        ridge = lam * jnp.sum(params * params, axis=tuple(range(1, params.ndim)))
+        ridge = jnp.sum(problem.regularizer(dtype) * params * params, axis=tuple(range(1, params.ndim)))
         data_sum = jnp.zeros(g)
         for part in chunks(groups):
             w = jnp.sum(part.weight, axis=1)
@@ -341,6 +351,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         totals = np.maximum((groups >= 0).sum(1), 1)
         history["epoch"].append(epoch)
         history["loss"].append(float(jnp.mean(data_sum / totals + ridge)))
+        history.setdefault("data_loss", []).append(float(jnp.mean(data_sum / totals)))
+        history.setdefault("prior", []).append(float(jnp.mean(ridge)))
         history["seconds"].append(elapsed)
         state = ReconState(epoch, params, opt_state, keys, history)
         if callback is not None:
