@@ -169,3 +169,36 @@ def test_reconstruct_with_the_estimated_model_beats_white(coloured):
     np.testing.assert_allclose(est.history["loss"][-1], want, rtol=1e-4)
     with pytest.raises(ValueError, match="noise_model"):
         jc.reconstruct(particles, noise_model="pink", **kw)
+
+
+# ---------------------------------------------------------------- from STAR files
+
+
+def test_optics_groups_become_noise_groups(tmp_path):
+    """load_particles numbers the noise groups by rlnOpticsGroup (sorted), also for one process's
+    share of a STAR (then indexed into the whole STAR's groups); the CLI's flag reaches reconstruct."""
+    from jaxcryo.cli import build_parser
+    from jaxcryo.io import ParticleStack, make_table, write_particles, write_stack
+    from jaxcryo.pipeline import load_particles, open_particles
+
+    n, box = 6, 8
+    write_stack(str(tmp_path / "p.mrcs"), np.zeros((n, box, box), np.float32), pixel_size_angstrom=2.0)
+    optics = np.array([7, 3, 3, 7, 9, 3])
+    table = make_table(stack_paths=str(tmp_path / "p.mrcs"), stack_indices=np.arange(n), pixel_size_angstrom=2.0,
+                       euler_deg=np.zeros((n, 3)), shifts_angstrom=np.zeros((n, 2)),
+                       defocus_u_angstrom=np.full(n, 1e4), box_size=box, optics_group=optics)
+    write_particles(str(tmp_path / "p.star"), table)
+    table, stack = open_particles(str(tmp_path / "p.star"))
+    with stack:
+        whole = load_particles(table, stack, FourierGrid(box))
+        np.testing.assert_array_equal(whole.noise_group, [1, 0, 0, 1, 2, 0])
+        share = table.subset([0, 3])  # only group 7 here; its index among all groups is still 1
+        with ParticleStack(share) as share_stack:
+            part = load_particles(share, share_stack, FourierGrid(box), optics_groups=np.unique(table.optics_group))
+        np.testing.assert_array_equal(part.noise_group, [1, 1])
+        with pytest.raises(ValueError, match="optics groups"):
+            load_particles(table, stack, FourierGrid(box), optics_groups=[3, 7])
+    args = build_parser().parse_args(["reconstruct", "p.star", "--out", "m.mrc"])
+    assert args.noise_model == "estimate"
+    assert build_parser().parse_args(["reconstruct", "p.star", "--out", "m.mrc", "--noise-model", "white"]
+                                     ).noise_model == "white"
