@@ -447,8 +447,6 @@ def _reconstruct(args) -> int:
             epochs_bar.set_postfix(loss=f"{state.history['loss'][-1]:.5g}")
 
         if stream:
-            if args.noise_model == "estimate":
-                _note(args, "streaming uses the white noise model (the noise is estimated only in memory)")
             images_bar = tqdm(total=n, desc="images this epoch", unit="img", disable=args.quiet, leave=False,
                               position=1)
 
@@ -461,7 +459,7 @@ def _reconstruct(args) -> int:
                                         interpolation=args.interpolation, epochs=args.epochs,
                                         batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
                                         chunk_size=args.chunk_size, resume=resume, callback=on_epoch,
-                                        progress=on_chunk)
+                                        progress=on_chunk, noise_model=args.noise_model)
             images_bar.close()
         else:
             mesh = share = None
@@ -601,8 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "and when streaming)")
     rec.add_argument("--noise-model", choices=("estimate", "white"), default="estimate",
                      help="estimate: noise power per Fourier shell and optics group from the residuals (after "
-                          "epoch 1, refreshed every epoch), each pixel weighted by 1/sigma^2; white: equal weights "
-                          "(streaming always uses white)")
+                          "epoch 1, refreshed every epoch), each pixel weighted by 1/sigma^2; white: equal weights")
     rec.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
     rec.add_argument("--interpolation", choices=INTERPOLATIONS, default="trilinear",
                      help="Fourier slicing (nufft runs on CPU only)")

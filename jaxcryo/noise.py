@@ -31,7 +31,7 @@ from jaxcryo.loss import Problem, forward, sum_over_batches
 NOISE_MODELS = ("estimate", "white")
 
 __all__ = ["NOISE_MODELS", "pixel_shells", "residual_power", "estimate_noise", "shell_weights_from_sigma2",
-           "with_noise_weights"]
+           "noise_moved", "with_noise_weights"]
 
 
 def pixel_shells(grid: FourierGrid) -> np.ndarray:
@@ -115,6 +115,16 @@ def shell_weights_from_sigma2(sigma2, grid: FourierGrid, *, group_counts=None, f
     per_shell = np.bincount(np.minimum(shells, n_shells - 1), weights=grid.multiplicity, minlength=n_shells)
     mean = float(np.sum(counts[:, None] * per_shell[None] * w) / (counts.sum() * per_shell.sum()))
     return w / mean
+
+
+def noise_moved(old_sigma2, sigma2, tol: float) -> bool:
+    """Whether a new estimate differs from the one in use (None: none yet) by more than ``tol``
+    (relative) in some shell of some group."""
+    if old_sigma2 is None:
+        return True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = np.abs(np.asarray(sigma2, np.float64) / np.asarray(old_sigma2, np.float64) - 1.0)
+    return bool(np.nanmax(moved, initial=0.0) > tol)
 
 
 def with_noise_weights(problem: Problem, weights) -> Problem:

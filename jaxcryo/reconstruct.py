@@ -24,7 +24,7 @@ from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import default_alpha, half_volume_weights
 from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
-from jaxcryo.noise import NOISE_MODELS, residual_power, shell_weights_from_sigma2, with_noise_weights
+from jaxcryo.noise import NOISE_MODELS, noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
 from jaxcryo.optim import armijo, scale_by_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam")
@@ -456,10 +456,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
             sigma2, counts, residuals, extra = noise_sigma2(params)
             history["compile_seconds"] += extra
             t0 += extra
-            old = history.get("noise_sigma2")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                moved = np.abs(sigma2 / np.asarray(old if old is not None else np.nan, np.float64) - 1.0)
-            new_noise = old is None or bool(np.nanmax(moved, initial=0.0) > noise_tol)
+            new_noise = noise_moved(history.get("noise_sigma2"), sigma2, noise_tol)
         new_prior = bool(wiener_after and halves and epoch == wiener_after and problem.shell_lam is None)
         if not (new_noise or new_prior):
             elapsed += time.perf_counter() - t0
