@@ -10,6 +10,7 @@ from jaxcryo.forward import (CTFParams, FourierGrid, Particles, backproject, ft_
 from jaxcryo.fsc import fsc, fsc_ft, resolution
 from jaxcryo.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from jaxcryo.loss import Problem, loss, value_grad_hvp
+from jaxcryo.noise import estimate_noise, shell_weights_from_sigma2
 from jaxcryo.optim import armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
 from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
@@ -26,3 +27,4 @@ __all__ = [
     "Reconstruction", "make_optimizer", "reconstruct", "simulate_particles", "synthetic_molecule",
     "symmetry_matrices",
 ]
+__all__ += ["estimate_noise", "shell_weights_from_sigma2"]

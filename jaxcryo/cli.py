@@ -384,10 +384,12 @@ def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
     return {"star": os.path.abspath(table.star_path), "star_sha1": digest, "n_particles": len(table), "box": box,
             "pixel_size_angstrom": px, "method": args.method, "batch_size": args.batch_size,
             "interpolation": args.interpolation, "lam": args.lam, "seed": args.seed, "halves": not args.no_halves,
-            "wiener_after": args.wiener_after, "symmetry": args.symmetry, "mode": mode}
+            "wiener_after": args.wiener_after, "symmetry": args.symmetry, "noise_model": args.noise_model,
+            "mode": mode}
 
 
 def _reconstruct(args) -> int:
+    import numpy as np
     from tqdm.auto import tqdm
 
     import jaxcryo as jc
@@ -506,7 +508,7 @@ def _reconstruct(args) -> int:
                                         interpolation=args.interpolation, epochs=args.epochs,
                                         batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
                                         chunk_size=args.chunk_size, resume=resume, callback=on_epoch,
-                                        progress=on_chunk, symmetry=args.symmetry)
+                                        progress=on_chunk, symmetry=args.symmetry, noise_model=args.noise_model)
             images_bar.close()
         else:
             mesh = share = None
@@ -518,7 +520,8 @@ def _reconstruct(args) -> int:
                 my_stack = ParticleStack(mine)
             bar = tqdm(total=len(mine), desc="reading particles", unit="img", disable=args.quiet, leave=False,
                        position=1)
-            particles = load_particles(mine, my_stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+            particles = load_particles(mine, my_stack, grid, chunk_size=args.chunk_size, progress=bar.update,
+                                       optics_groups=np.unique(table.optics_group))
             bar.close()
             if my_stack is not stack:
                 my_stack.close()
@@ -527,7 +530,8 @@ def _reconstruct(args) -> int:
                                  interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
                                  lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch,
                                  devices=None if multi else args.devices, mesh=mesh, share=share,
-                                 wiener_after=args.wiener_after, symmetry=args.symmetry)
+                                 wiener_after=args.wiener_after, symmetry=args.symmetry,
+                                 noise_model=args.noise_model)
             del particles
         epochs_bar.close()
 
@@ -535,7 +539,10 @@ def _reconstruct(args) -> int:
         return 0
     write_map(out, rec.volume, voxel_size_angstrom=px)
     written = [os.path.basename(out)]
-    history = {k: rec.history[k] for k in ("epoch", "loss", "seconds")}
+    history = {k: rec.history.get(k, []) for k in ("epoch", "loss", "data_loss", "prior", "seconds")}
+    if "noise_sigma2" in rec.history:  # per optics group (in rlnOpticsGroup order) and Fourier shell
+        history.update(noise_optics_groups=[int(g) for g in np.unique(table.optics_group)],
+                       noise_sigma2=rec.history["noise_sigma2"])
     history["compile_seconds"] = rec.history.get("compile_seconds")
     history.update(settings={k: v for k, v in settings.items() if k != "star_sha1"}, pixel_size_angstrom=px)
     if halves:
@@ -649,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after E epochs, add a Wiener prior per Fourier shell estimated from the half-maps' "
                           "FSC (RELION-style gold-standard regularisation; 0: never; ignored with --no-halves "
                           "and when streaming)")
+    rec.add_argument("--noise-model", choices=("estimate", "white"), default="estimate",
+                     help="estimate: noise power per Fourier shell and optics group from the residuals (after "
+                          "epoch 1, refreshed every epoch), each pixel weighted by 1/sigma^2; white: equal weights")
     rec.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
     rec.add_argument("--interpolation", choices=INTERPOLATIONS, default="trilinear",
                      help="Fourier slicing (nufft runs on CPU only)")

@@ -33,7 +33,7 @@ from jaxcryo.curvature import exact_diagonal, radial_profile, rademacher
 from jaxcryo.forward.ctf import CTFParams, make_ctf_params
 from jaxcryo.forward.model import Particles
 from jaxcryo.forward.slicing import FourierGrid
-from jaxcryo.geometry import euler_to_matrix, random_rotations, shell_index
+from jaxcryo.geometry import euler_to_matrix, half_volume_weights, random_rotations, shell_index
 from jaxcryo.io.errors import InputError
 from jaxcryo.loss import Problem, sum_over_batches, value_grad_hvp
 
@@ -84,12 +84,13 @@ def full_spectrum_diagonal(diag, box: int, lam: float = 0.0):
     Off the kx = 0 (and Nyquist) planes a stored voxel stands for itself and its mate: its
     data entry is 4 x (hits per image). On those planes both mates are stored and split the
     hits, so their entries are summed: D(k) = (d_k + d_-k) / 4 there, d_k / 4 elsewhere.
-    The Tikhonov part 2 lam of every parameter becomes lam / 2 everywhere (pass ``lam``).
+    The Tikhonov part 2 lam m_k / 2 of each parameter (m_k its multiplicity, see
+    ``Problem.regularizer``) becomes lam / 2 everywhere (pass ``lam``).
     """
     d = np.asarray(diag, np.float64)
     if d.ndim == 4:
         d = d[..., 0]
-    d = d - 2.0 * lam
+    d = d - lam * half_volume_weights(box)
     out = d / 4.0
     planes = [0] + ([box // 2] if box % 2 == 0 else [])
     for x in planes:
@@ -355,9 +356,10 @@ def conditioning_report(particles: Particles, box: int, *, interpolation: str = 
         est = samples.mean(0)
         spread_h, kappa_h = preconditioned_spread(diag, est, box, alpha=alpha, r_max=r_max)
         counts, errs = relative_error_by_probes(samples, diag)
+        floor = lam * half_volume_weights(box)[..., None] + 1e-30  # the Tikhonov part of each parameter
         out.update({
             "n_probes": n_probes,
-            "kappa_hutchinson": kappa_by_radius(np.maximum(np.abs(est), 2.0 * lam + 1e-30), box, r_max, lam).tolist(),
+            "kappa_hutchinson": kappa_by_radius(np.maximum(np.abs(est), floor), box, r_max, lam).tolist(),
             "spread_hutchinson": spread_h.tolist(), "kappa_after_hutchinson": kappa_h.tolist(),
             "spread90_hutchinson": percentile_spread(diag, est, box, alpha=alpha, r_max=r_max).tolist(),
             "hutchinson_error": {"probes": counts, "relative_error": errs},

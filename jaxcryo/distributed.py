@@ -203,7 +203,7 @@ def shard_groups(particles: Particles, groups: np.ndarray, mesh: Mesh,
     leaves, treedef = jax.tree.flatten(particles)
     n_rows = particles.weight.shape[0]
     host = [np.broadcast_to(np.asarray(x), (n_rows,) + np.shape(x)[1:]) for x in leaves]
-    weight_leaf = len(leaves) - 1  # Particles' last field is the weight
+    weight_leaf = jax.tree.unflatten(treedef, range(len(leaves))).weight  # padding rows get weight 0
     out = []
     for j, x in enumerate(host):
         def block(index, x=x, j=j):

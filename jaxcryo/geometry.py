@@ -80,6 +80,16 @@ def half_image_weights(box):
     return w
 
 
+def half_volume_weights(box):
+    """Multiplicity of each rfftn voxel in the full spectrum: 1 on the kx = 0 (and, for even N,
+    kx = N/2) planes, whose conjugate partners are stored too, 2 elsewhere. Shape (N, N, N//2+1)."""
+    w = np.full((box, box, box // 2 + 1), 2.0)
+    w[..., 0] = 1.0
+    if box % 2 == 0:
+        w[..., -1] = 1.0
+    return w
+
+
 def volume_freqs(box):
     """Integer frequencies of a half (rfftn) volume: (N, N, N//2+1, 3) array of (kx, ky, kz)."""
     k = np.fft.fftfreq(box, 1.0 / box)

@@ -1,10 +1,13 @@
 """The reconstruction objective: weighted least squares in Fourier space plus Tikhonov.
 
-    L(v) = sum_i w_i sum_p m_p s_p |c_ip (A_i v)_p - y_ip|^2 / sum_i w_i  +  lam ||v||^2
+    L(v) = sum_i w_i sum_p m_p s_gp |c_ip (A_i v)_p - y_ip|^2 / sum_i w_i  +  lam ||v||^2
 
 over a minibatch: w_i particle weights (0 for padding), m_p the Hermitian multiplicity of
-each half-plane pixel (so the sum equals the one over the full spectrum), s_p the noise
-weights (1/sigma^2 per shell; white by default), c the CTF, A_i the slice at pose i.
+each half-plane pixel (so the sum equals the one over the full spectrum), s_gp the noise
+weights (1/sigma^2 per shell of image i's noise group g; white by default, see
+:mod:`jaxcryo.noise`), c the CTF, A_i the slice at pose i. ||v||^2 is the full spectrum's,
+(1/2) sum_k m_k |v_k|^2 over the stored half-volume in the units where lam weighs an
+interior voxel once: the kx = 0 plane (m_k = 1) gets half the weight, as it gets half the data.
 
 The loss is quadratic, so the gradient and any number of Hessian-vector products share one
 forward and one adjoint pass (:func:`value_grad_hvp`).
@@ -23,7 +26,7 @@ import numpy as np
 
 from jaxcryo.forward.model import Particles, ctf_batch, slices
 from jaxcryo.forward.slicing import INTERPOLATIONS, FourierGrid
-from jaxcryo.geometry import volume_radius
+from jaxcryo.geometry import half_volume_weights, volume_radius
 from jaxcryo.symmetry import canonical_symbol, symmetry_matrices
 
 
@@ -34,8 +37,12 @@ class Problem:
     Attributes:
       grid: the Fourier pixels used (box and r_max).
       interpolation: 'nearest', 'trilinear' or 'nufft'.
-      lam: Tikhonov weight on ||v||^2.
-      shell_weights: optional 1/sigma^2 per Fourier shell (index round(|k|)), a tuple.
+      lam: Tikhonov weight on ||v||^2 (per interior voxel of the half-volume; the kx = 0 and
+        Nyquist planes, which the full spectrum holds once, get half).
+      shell_weights: optional noise weights 1/sigma^2 per Fourier shell (index round(|k|)):
+        a tuple (one spectrum for all images) or a tuple of G tuples (one per noise group,
+        indexed by ``Particles.noise_group``), e.g. from
+        :func:`jaxcryo.noise.shell_weights_from_sigma2`.
       shell_lam: optional extra Tikhonov weight per Fourier shell of the volume (a tuple,
         index round(|k|)): a Wiener-style prior, e.g. from :func:`wiener_shell_lam`.
       symmetry: point group in RELION's notation ('C1', 'C4', 'D2', 'T', 'O', 'I', ...; see
@@ -55,27 +62,51 @@ class Problem:
         object.__setattr__(self, "symmetry", canonical_symbol(self.symmetry))
 
     @property
+    def n_noise_groups(self) -> int:
+        """How many noise spectra ``shell_weights`` holds (1 when white or a single tuple)."""
+        if self.shell_weights is None or np.ndim(self.shell_weights) == 1:
+            return 1
+        return len(self.shell_weights)
+
+    @property
+    def group_pixel_weights(self) -> np.ndarray:
+        """(G, P) multiplicity times noise weight of each pixel, for each noise group."""
+        m = self.grid.multiplicity
+        if self.shell_weights is None:
+            return m[None].copy()
+        table = np.asarray(self.shell_weights, np.float64)
+        table = table[None] if table.ndim == 1 else table
+        shells = np.rint(np.linalg.norm(self.grid.freqs, axis=-1)).astype(int)
+        return m[None] * table[:, np.minimum(shells, table.shape[1] - 1)]
+
+    @property
     def pixel_weights(self) -> np.ndarray:
-        """(P,) multiplicity times noise weight of each pixel."""
-        w = self.grid.multiplicity.copy()
-        if self.shell_weights is not None:
-            shells = np.rint(np.linalg.norm(self.grid.freqs, axis=-1)).astype(int)
-            w = w * np.asarray(self.shell_weights, np.float64)[np.minimum(shells, len(self.shell_weights) - 1)]
-        return w
+        """(P,) multiplicity times noise weight of each pixel (one noise group only; with several
+        use :func:`image_pixel_weights`)."""
+        if self.n_noise_groups > 1:
+            raise ValueError(f"this Problem has {self.n_noise_groups} noise groups; "
+                             "use image_pixel_weights(problem, batch)")
+        return self.group_pixel_weights[0]
 
     def data_only(self) -> "Problem":
         """The same problem without the Tikhonov term."""
         return dataclasses.replace(self, lam=0.0, shell_lam=None)
 
     def regularizer(self, dtype=jnp.float32):
-        """The Tikhonov weight per parameter: lam, plus shell_lam[round(|k|)] when given
-        (a scalar, or an (N, N, N//2+1, 1) array that broadcasts over (re, im))."""
-        if self.shell_lam is None:
-            return jnp.asarray(self.lam, dtype)
-        shells = np.rint(volume_radius(self.grid.box)).astype(int)
-        per_shell = np.asarray(self.shell_lam, np.float64)
-        lam = self.lam + per_shell[np.minimum(shells, len(per_shell) - 1)]
-        return jnp.asarray(lam[..., None], dtype)
+        """The Tikhonov weight per parameter, (N, N, N//2+1, 1) (broadcasts over (re, im)):
+        (lam + shell_lam[round(|k|)]) times m_k / 2, m_k the voxel's Hermitian multiplicity.
+
+        A stored voxel with 0 < kx < N/2 stands for itself and its conjugate mate, and so
+        receives the data of both; one on the kx = 0 (or kx = N/2) plane stands for itself
+        only. Weighting the prior by m_k / 2 keeps data and prior in the same ratio for every
+        voxel (the full spectrum's ||v||^2), so lam means the same on every plane.
+        """
+        lam = np.full(self.grid.volume_shape, float(self.lam))
+        if self.shell_lam is not None:
+            shells = np.rint(volume_radius(self.grid.box)).astype(int)
+            per_shell = np.asarray(self.shell_lam, np.float64)
+            lam = lam + per_shell[np.minimum(shells, len(per_shell) - 1)]
+        return jnp.asarray((lam * 0.5 * half_volume_weights(self.grid.box))[..., None], dtype)
 
     def zeros(self, dtype=jnp.float32):
         """A zero volume in this problem's parametrisation, (N, N, N//2+1, 2)."""
@@ -112,6 +143,24 @@ def forward(volume, batch: Particles, problem: Problem):
     return s * ctf_batch(batch.ctf, problem.grid, batch.rotations.shape[0], s.dtype)[..., None]
 
 
+def image_pixel_weights(problem: Problem, batch: Particles, dtype=jnp.float32):
+    """(B, P) weight of each pixel of each image: multiplicity m_p times the noise weight
+    1/sigma^2 of the pixel's shell in the image's noise group (``batch.noise_group``; group 0
+    when None). The weights a Gaussian likelihood gives |c A v - y|^2, for the loss and for
+    scoring poses alike. Particle weights are not included.
+
+    Raises:
+      ValueError: the problem has several noise groups and the batch has no noise_group.
+    """
+    table = jnp.asarray(problem.group_pixel_weights, dtype)  # (G, P)
+    n = batch.weight.shape[0]
+    if table.shape[0] == 1:
+        return jnp.broadcast_to(table[0], (n, table.shape[1]))
+    if batch.noise_group is None:
+        raise ValueError(f"the Problem has {table.shape[0]} noise groups but the particles have no noise_group")
+    return table[jnp.clip(batch.noise_group, 0, table.shape[0] - 1)]
+
+
 def _scale(batch: Particles, problem: Problem, dtype, weight_total=None):
     """Per-pixel, per-image weights (B, P, 1) including 1/sum(w).
 
@@ -121,7 +170,7 @@ def _scale(batch: Particles, problem: Problem, dtype, weight_total=None):
     w = batch.weight.astype(dtype)
     total = jnp.sum(w) if weight_total is None else jnp.asarray(weight_total, dtype)
     total = jnp.maximum(total, jnp.asarray(1e-12, dtype))
-    return (w / total)[:, None, None] * jnp.asarray(problem.pixel_weights, dtype)[None, :, None]
+    return (w / total)[:, None, None] * image_pixel_weights(problem, batch, dtype)[..., None]
 
 
 def loss(params, batch: Particles, problem: Problem, *, weight_total=None):
@@ -136,13 +185,13 @@ def loss(params, batch: Particles, problem: Problem, *, weight_total=None):
 
 
 def per_image_loss(params, batch: Particles, problem: Problem):
-    """Unweighted data term of each image, (B,): sum_p m_p s_p |c A v - y|^2 (with a symmetry,
+    """Unweighted data term of each image, (B,): sum_p m_p s_gp |c A v - y|^2 (with a symmetry,
     its mean over the group's poses A g)."""
     n = batch.weight.shape[0]
     batch = symmetry_expand(batch, problem)
     r = forward(params, batch, problem) - batch.data
-    pw = jnp.asarray(problem.pixel_weights, params.dtype)
-    return jnp.sum(pw[None, :, None] * r * r, axis=(1, 2)).reshape(n, -1).mean(1)
+    pw = image_pixel_weights(problem, batch, params.dtype)
+    return jnp.sum(pw[..., None] * r * r, axis=(1, 2)).reshape(n, -1).mean(1)
 
 
 def value_grad_hvp(params, batch: Particles, problem: Problem, probes=None, *, weight_total=None):

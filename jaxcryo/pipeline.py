@@ -129,20 +129,30 @@ def _prepare_fn(grid: FourierGrid):
 
 
 def load_particles(table: ParticleTable, stack: ParticleStack, grid: FourierGrid, *, chunk_size: int = 1024,
-                   dtype=np.float32, progress: Callable[[int], Any] | None = None) -> Particles:
+                   dtype=np.float32, progress: Callable[[int], Any] | None = None,
+                   optics_groups=None) -> Particles:
     """All particles of a table in memory as Fourier pairs (numpy), read and transformed chunk by chunk.
 
     ``progress(k)`` is called with the number of images done after each chunk. Peak memory is
-    the pairs plus a few chunks of images.
+    the pairs plus a few chunks of images. Each particle's ``noise_group`` is the position of
+    its rlnOpticsGroup in ``optics_groups`` (sorted group numbers; default: this table's), so
+    the noise model is estimated per optics group; pass the whole STAR's groups when ``table``
+    is one process's share.
     """
     n = len(table)
+    ids = np.unique(table.optics_group) if optics_groups is None else np.asarray(optics_groups, np.int64)
+    noise_group = np.searchsorted(ids, table.optics_group)
+    if np.any(noise_group >= len(ids)) or np.any(ids[np.minimum(noise_group, len(ids) - 1)] != table.optics_group):
+        raise ValueError(f"{table.star_path}: optics groups {np.setdiff1d(table.optics_group, ids).tolist()} "
+                         f"are not among optics_groups {ids.tolist()}")
     data = np.empty((n, grid.n_pixels, 2), dtype)
     for rows, chunk in iter_particle_chunks(table, stack, grid, chunk_size=chunk_size, dtype=dtype):
         data[rows] = chunk.data
         if progress is not None:
             progress(len(rows))
     rotations, _, ctf = table_poses(table, dtype=dtype)
-    return Particles(data=data, rotations=rotations, ctf=ctf, weight=np.ones(n, dtype))
+    return Particles(data=data, rotations=rotations, ctf=ctf, weight=np.ones(n, dtype),
+                     noise_group=noise_group.astype(np.int32))
 
 
 # ----------------------------------------------------------------------------- memory
@@ -346,7 +356,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                           batch_size: int = 128, lam: float = 1e-4, halves: bool = True, seed: int = 0,
                           chunk_size: int = 4096, resume: ReconState | None = None,
                           callback: Callable[[ReconState], Any] | None = None,
-                          progress: Callable[[int], Any] | None = None, symmetry: str = "C1"):
+                          progress: Callable[[int], Any] | None = None, symmetry: str = "C1",
+                          noise_model: str = "estimate", noise_tol: float = 0.1):
     """:func:`~jaxcryo.reconstruct.reconstruct` for particle sets larger than memory.
 
     Each epoch visits the particles of each half-set in a fresh random order, ``chunk_size``
@@ -358,8 +369,11 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
     are drawn within chunks), so the map equals ``reconstruct``'s only up to optimisation noise.
 
     ``progress(k)`` is called with the images done after each chunk of the training pass.
+    The noise model (``noise_model``, ``noise_tol``) is reconstruct's, per rlnOpticsGroup,
+    estimated in the loss pass after every epoch.
     """
     from jaxcryo.loss import Problem
+    from jaxcryo.noise import noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
     from jaxcryo.reconstruct import _split_halves, finish, make_epoch, make_full_loss, make_optimizer, map_groups
 
     if method == "psgd-exact":
@@ -383,10 +397,20 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                            {"epoch": [], "loss": [], "seconds": []})
     else:
         state = resume
-    epoch_fn = jax.jit(map_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
-                                             average=True), interpolation, (0, 0, 0, 0, None, None)),
-                       donate_argnums=(0, 1))
-    full_loss = jax.jit(map_groups(make_full_loss(problem, batch_size), interpolation))
+    optics = np.unique(table.optics_group)
+    if noise_model == "estimate" and state.history.get("noise_weights") is not None:
+        problem = with_noise_weights(problem, state.history["noise_weights"])
+
+    def functions(problem):
+        epoch_fn = jax.jit(map_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
+                                                 average=True), interpolation, (0, 0, 0, 0, None, None)),
+                           donate_argnums=(0, 1))
+        return epoch_fn, jax.jit(map_groups(make_full_loss(problem, batch_size), interpolation))
+
+    epoch_fn, full_loss = functions(problem)
+    residuals = jax.jit(map_groups(lambda p, part: residual_power(
+        p, part, Problem(grid=grid, interpolation=interpolation), n_groups=len(optics), batch_size=batch_size),
+        interpolation))
     prepare = _prepare_fn(grid)
 
     def chunks(order):
@@ -397,7 +421,8 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         for block, (rows, images) in zip(blocks, rows_iter):
             rotations, shifts_px, ctf = table_poses(table, rows, dtype=dtype)
             data = np.asarray(prepare(jnp.asarray(images), jnp.asarray(shifts_px)))
-            part = Particles(data=data, rotations=rotations, ctf=ctf, weight=(block.ravel() >= 0).astype(dtype))
+            part = Particles(data=data, rotations=rotations, ctf=ctf, weight=(block.ravel() >= 0).astype(dtype),
+                             noise_group=np.searchsorted(optics, table.optics_group[rows]).astype(np.int32))
             yield jax.tree.map(lambda x: jnp.asarray(x).reshape((g, -1) + x.shape[1:]), part)
 
     history = {k: list(v) for k, v in state.history.items() if isinstance(v, list)}
@@ -420,14 +445,33 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
                 progress(int(np.sum(np.asarray(part.weight))))
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - t0
-        ridge = lam * jnp.sum(params * params, axis=tuple(range(1, params.ndim)))
-        data_sum = jnp.zeros(g)
-        for part in chunks(groups):
-            w = jnp.sum(part.weight, axis=1)
-            data_sum = data_sum + (full_loss(params, part) - ridge) * w
         totals = np.maximum((groups >= 0).sum(1), 1)
+        if noise_model == "estimate":  # one pass: residual power per half, group and shell
+            power = pixels = 0.0
+            for part in chunks(groups):
+                pw, px = residuals(params, part)
+                power, pixels = power + np.asarray(pw, np.float64), pixels + np.asarray(px, np.float64)
+            pooled, counted = power.sum(0), pixels.sum(0)
+            sigma2 = np.where(counted > 0, pooled / np.maximum(counted, 1e-30), np.nan)
+            if noise_moved(history.get("noise_sigma2"), sigma2, noise_tol):
+                weights = shell_weights_from_sigma2(sigma2, grid, group_counts=counted.sum(1) / grid.multiplicity.sum())
+                problem = with_noise_weights(problem, weights)
+                history["noise_sigma2"] = [[float(x) for x in row] for row in sigma2]
+                history["noise_weights"] = [[float(x) for x in row] for row in weights]
+                epoch_fn, full_loss = functions(problem)
+            # the data term is linear in the weights: read it off the residual sums
+            data = np.sum(np.asarray(problem.shell_weights, np.float64) * power, axis=(1, 2)) / totals
+        else:
+            data = 0.0
+            ridge0 = jnp.sum(problem.regularizer(dtype) * params * params, axis=tuple(range(1, params.ndim)))
+            for part in chunks(groups):
+                data = data + np.asarray((full_loss(params, part) - ridge0) * jnp.sum(part.weight, axis=1))
+            data = data / totals
+        ridge = np.asarray(jnp.sum(problem.regularizer(dtype) * params * params, axis=tuple(range(1, params.ndim))))
         history["epoch"].append(epoch)
-        history["loss"].append(float(jnp.mean(data_sum / totals + ridge)))
+        history["loss"].append(float(np.mean(data + ridge)))
+        history.setdefault("data_loss", []).append(float(np.mean(data)))
+        history.setdefault("prior", []).append(float(np.mean(ridge)))
         history["seconds"].append(elapsed)
         state = ReconState(epoch, params, opt_state, keys, history)
         if callback is not None:

@@ -22,8 +22,9 @@ from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile, symmet
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
-from jaxcryo.geometry import default_alpha
+from jaxcryo.geometry import default_alpha, half_volume_weights
 from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
+from jaxcryo.noise import NOISE_MODELS, noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
 from jaxcryo.optim import armijo, scale_by_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam")
@@ -46,7 +47,10 @@ class Reconstruction(NamedTuple):
     volume: (N, N, N) map (mean of the half-maps); half_maps: (2, N, N, N) or None;
     params: (G, N, N, N//2+1, 2) Fourier pairs of each half; fsc: half-map FSC per shell
     (None without halves); resolution_angstrom: at FSC 0.143; history: dict of lists
-    ``epoch``, ``loss``, ``seconds`` plus ``compile_seconds``; state: the final ReconState.
+    ``epoch``, ``loss`` (the objective), ``data_loss`` and ``prior`` (its two terms; the prior
+    changes when the Wiener prior switches on), ``seconds``, plus ``compile_seconds``, and
+    when estimated ``noise_sigma2`` (G x n_shells, per noise group and Fourier shell) and
+    ``noise_weights`` (the loss's weights from it); state: the final ReconState.
     """
 
     volume: np.ndarray
@@ -241,6 +245,8 @@ def wiener_shell_lam(fsc_curve, diag, box: int, *, r_max: int | None = None, fud
     """
     d = np.asarray(diag)
     d = d.mean(0) if d.ndim == 5 else d
+    # in interior-voxel units: Problem.regularizer weighs shell_lam by the multiplicity m_k / 2
+    d = d / (0.5 * half_volume_weights(box))[..., None]
     mean_diag = radial_profile(d, box, "mean")[: len(fsc_curve)]
     f = np.clip(np.asarray(fsc_curve, np.float64), 1e-3, 0.999)
     snr = fudge * f / (1.0 - f)
@@ -269,7 +275,9 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 halves: bool = True, seed: int = 0, n_probes: int = 1, beta: float = 0.9,
                 alpha: float | None = None, learning_rate: float | None = None,
                 initial_step: float = 10.0, c: float = 0.9, average: bool = True, warmup: int = 8,
-                wiener_after: int = 0, init_volume_ft=None,
+                wiener_after: int = 0, noise_model: str = "estimate", noise_after: int = 1,
+                noise_tol: float = 0.1,
+                init_volume_ft=None,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
@@ -296,6 +304,18 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         from the half-maps' FSC and add the Wiener prior :func:`wiener_shell_lam` to the
         objective for the remaining epochs (as RELION's refinement regularises, from the
         gold-standard FSC). The loss history then changes objective at that epoch.
+      noise_model: 'estimate' (default): after ``noise_after`` epochs, estimate the noise
+        power sigma^2 per Fourier shell and per noise group (``particles.noise_group``, e.g.
+        the optics group; one group when None) from the residuals of each half-set's images
+        at its current map, pooled over the halves (:func:`jaxcryo.noise.residual_power`),
+        and weight the loss's pixels by 1/sigma^2 from then on (normalised to mean 1; see
+        :func:`jaxcryo.noise.shell_weights_from_sigma2`). As RELION does, it is re-estimated
+        after every later epoch (the residual of a map that is still converging also holds
+        signal, mostly at low resolution); the model (and the epoch, recompiled) changes only
+        when some shell's sigma^2 moved by more than ``noise_tol`` (relative); the loss of an
+        epoch is that of the model in force after it. 'white': equal weights.
+        Estimated with the Wiener prior's recompilation when both fall on the same epoch
+        (the prior then uses the weighted data curvature).
       init_volume_ft: optional starting Fourier pairs (N, N, N//2+1, 2); zeros otherwise.
       resume: a ReconState from an earlier run (e.g. a checkpoint) to continue from.
       callback: called with the ReconState after every epoch.
@@ -312,9 +332,15 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         element, so the map is symmetric by construction (as relion_reconstruct --sym). A step
         then costs about G times as much; ValueError for an unknown symbol.
     """
+    if noise_model not in NOISE_MODELS:
+        raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
     grid = FourierGrid(box, r_max)
     problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
     dtype = particles.data.dtype
+    n_noise = 1 if particles.noise_group is None else int(np.max(np.asarray(particles.noise_group), initial=0)) + 1
+    if jax.process_count() > 1:  # every process must build the same Problem
+        from jax.experimental import multihost_utils
+        n_noise = int(np.max(multihost_utils.process_allgather(np.asarray(n_noise))))
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
@@ -351,15 +377,48 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         return jax.jit(dist.shard(jax.vmap(lambda p: dist.sharded_exact_diagonal(p, prob, batch_size, dtype)),
                                   mesh, in_specs=rows, out_specs=dist.P()))(stacked)
 
+    def residual_sums(p, parts):
+        # the residual does not depend on the weights or the prior: one compilation serves all epochs
+        prob = dataclasses.replace(problem, lam=0.0, shell_weights=None, shell_lam=None)
+        power, pixels = residual_power(p, parts, prob, n_groups=n_noise, batch_size=batch_size)
+        if mesh is not None:
+            power, pixels = jax.lax.psum((power, pixels), dist.AXIS)
+        return power, pixels
+
+    residual_sums = map_groups(residual_sums, interpolation)
+    if mesh is not None:
+        residual_sums = dist.shard(residual_sums, mesh, in_specs=(dist.P(), rows), out_specs=dist.P())
+    residual_sums = [jax.jit(residual_sums)]
+
+    def noise_sigma2(params):
+        """sigma^2 (G, S) pooled over the half-sets (each half's images at its own map), the
+        images per noise group (G,), the residual power per half-set (H, G, S) with its images
+        (H,), and the seconds spent compiling (the first time)."""
+        seconds = 0.0
+        if not isinstance(residual_sums[0], jax.stages.Compiled):
+            t0 = time.perf_counter()
+            residual_sums[0] = residual_sums[0].lower(params, stacked).compile()
+            seconds = time.perf_counter() - t0
+        power, pixels = dist.to_local(residual_sums[0](params, stacked))
+        power_h, pixels_h = np.asarray(power, np.float64), np.asarray(pixels, np.float64)
+        power, pixels = power_h.sum(0), pixels_h.sum(0)
+        sigma2 = np.where(pixels > 0, power / np.maximum(pixels, 1e-30), np.nan)
+        per_image = grid.multiplicity.sum()
+        return sigma2, pixels.sum(1) / per_image, (power_h, pixels_h.sum((1, 2)) / per_image), seconds
+
     if resume is None:
         init = problem.zeros(dtype) if init_volume_ft is None else jnp.asarray(init_volume_ft, dtype)
         params = jnp.stack([init] * g)
         opt_state = jax.vmap(tx.init)(params)
         state = ReconState(0, params, opt_state, jax.random.split(key, g),
-                           {"epoch": [], "loss": [], "seconds": []})
+                           {"epoch": [], "loss": [], "data_loss": [], "prior": [], "seconds": []})
     else:
         state = resume
     history = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in state.history.items()}
+    for k in ("data_loss", "prior"):
+        history.setdefault(k, [])
+    if noise_model == "estimate" and history.get("noise_weights") is not None:  # resumed after the estimate
+        problem = with_noise_weights(problem, history["noise_weights"])
     if history.get("shell_lam") is not None:  # a resumed run that had already set its prior
         problem = dataclasses.replace(problem, shell_lam=tuple(history["shell_lam"]))
 
@@ -367,14 +426,17 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         state = state._replace(params=dist.replicate(state.params, mesh),
                                opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
 
-    def build(prob, data_diag=None):
+    def build(prob, data_diag=None, epoch_too=True):
         """Compile the epoch for ``prob`` (before timing): (compiled epoch, full loss, diag, seconds).
-        ``data_diag``: the data term's diagonal when already computed (psgd-exact reuses it)."""
+        ``data_diag``: the data term's diagonal when already computed (psgd-exact reuses it).
+        ``epoch_too`` False: only the full loss (after the last epoch)."""
         diag = None
-        if exact:
+        if exact and epoch_too:
             diag = diagonals(prob) if data_diag is None else data_diag + 2.0 * prob.regularizer(dtype)
         epoch_fn, full_loss_fn = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
                                                  mesh=mesh, n_rows=groups.shape[1], average=average)
+        if not epoch_too:
+            return None, jax.jit(full_loss_fn), None, 0.0
         t0 = time.perf_counter()
         compiled = jax.jit(epoch_fn, donate_argnums=(0, 1)).lower(
             state.params, state.opt_state, state.key, stacked, diag, jnp.zeros((), dtype)).compile()
@@ -390,23 +452,55 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         params, opt_state, keys, _ = compiled(params, opt_state, keys, stacked, diag, average_from)
         jax.block_until_ready(params)
         elapsed += time.perf_counter() - t0
-        if wiener_after and halves and epoch == wiener_after and problem.shell_lam is None:
-            # Gold-standard prior: the half-maps' FSC gives each shell's SNR; the Wiener weight
-            # is the data curvature over that SNR (see wiener_shell_lam). One recompilation.
-            t0 = time.perf_counter()
-            local = params if mesh is None else dist.to_local(params)
-            halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
-            data_diag = diagonals(problem.data_only())
-            shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
-            problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
-            history["shell_lam"] = list(problem.shell_lam)
+        t0 = time.perf_counter()
+        new_noise, residuals = False, None
+        if noise_model == "estimate" and epoch >= noise_after:
+            # Noise model: residual power per shell and noise group at the current maps (see
+            # jaxcryo.noise); the loss weighs each pixel by 1/sigma^2 from now on.
+            sigma2, counts, residuals, extra = noise_sigma2(params)
+            history["compile_seconds"] += extra
+            t0 += extra
+            new_noise = noise_moved(history.get("noise_sigma2"), sigma2, noise_tol)
+        new_prior = bool(wiener_after and halves and epoch == wiener_after and problem.shell_lam is None)
+        if not (new_noise or new_prior):
+            elapsed += time.perf_counter() - t0
+        else:  # the objective changes: one recompilation for both
+            data_diag = None
+            if new_noise:
+                weights = shell_weights_from_sigma2(sigma2, grid, group_counts=counts)
+                problem = with_noise_weights(problem, weights)
+                history["noise_sigma2"] = [[float(x) for x in row] for row in sigma2]
+                history["noise_weights"] = [[float(x) for x in row] for row in weights]
+            if new_prior:
+                # Gold-standard prior: the half-maps' FSC gives each shell's SNR; the Wiener weight
+                # is the data curvature over that SNR (see wiener_shell_lam).
+                local = params if mesh is None else dist.to_local(params)
+                halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
+                data_diag = diagonals(problem.data_only())
+                shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
+                problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
+                history["shell_lam"] = list(problem.shell_lam)
             state = ReconState(epoch, params, opt_state, keys, history)
-            compiled, full_loss, diag, extra = build(problem, data_diag)
+            extra = 0.0
+            if epoch < epochs or residuals is None:  # after the last epoch only its loss is needed
+                compiled, full_loss, diag, extra = build(problem, data_diag, epoch_too=epoch < epochs)
             history["compile_seconds"] += extra
             elapsed += time.perf_counter() - t0 - extra
-        value = float(jnp.mean(full_loss(params, stacked)))
+        reg = problem.regularizer(dtype)
+        local = params if mesh is None else dist.to_local(params)
+        prior = float(np.mean([float(jnp.sum(reg * p * p)) for p in local]))
+        if residuals is None:
+            value = float(jnp.mean(full_loss(params, stacked)))
+            data_value = value - prior
+        else:  # the data term is linear in the noise weights: read it off the residual sums
+            power_h, images_h = residuals
+            weights = np.asarray(problem.shell_weights, np.float64)
+            data_value = float(np.mean(np.sum(weights * power_h, axis=(1, 2)) / np.maximum(images_h, 1e-12)))
+            value = data_value + prior
         history["epoch"].append(epoch)
         history["loss"].append(value)
+        history["data_loss"].append(data_value)
+        history["prior"].append(prior)
         history["seconds"].append(elapsed)
         state = ReconState(epoch, params, opt_state, keys, history)
         if callback is not None:

@@ -64,6 +64,8 @@ class SimulatedParticles(NamedTuple):
     images: (n, N, N) float32; euler_deg: (n, 3) RELION angles; rotations: (n, 3, 3);
     shifts_angstrom: (n, 2) rlnOriginX/YAngst; ctf: CTFParams (n,) or None;
     noise_sigma: real-space noise standard deviation that was added.
+    noise_power: with a ``noise_spectrum``, the noise power E|n_k|^2 of each Fourier shell
+      round(|k|) in jaxcryo's normalisation ((S,) or (n, S), like the spectrum), else None.
     """
 
     images: np.ndarray
@@ -72,17 +74,25 @@ class SimulatedParticles(NamedTuple):
     shifts_angstrom: np.ndarray
     ctf: CTFParams | None
     noise_sigma: float
+    noise_power: np.ndarray | None = None
 
 
 def simulate_particles(volume, n_images: int, *, pixel_size_angstrom: float, snr: float = 0.1,
                        seed: int = 0, with_ctf: bool = True, defocus_range_angstrom=(10000.0, 25000.0),
                        astigmatism_angstrom: float = 500.0, max_shift_px: float = 3.0,
-                       interpolation: str | None = None, chunk: int = 256) -> SimulatedParticles:
-    """Project ``volume`` at uniformly random poses, apply CTF and shifts, add white noise.
+                       interpolation: str | None = None, chunk: int = 256,
+                       noise_spectrum=None) -> SimulatedParticles:
+    """Project ``volume`` at uniformly random poses, apply CTF and shifts, add noise.
 
     SNR is the ratio of the clean images' variance to the noise variance (real space, whole
     box). ``interpolation`` defaults to 'nufft' (exact band-limited slices) on CPU and to
     'trilinear' elsewhere, where jax-finufft's wheel does not run.
+
+    ``noise_spectrum``: coloured noise. Relative noise power per Fourier shell round(|k|) of
+    the image, (S,) for every image or (n_images, S) per image (e.g. one spectrum per optics
+    group); shells past S take the last value. It is scaled so that the noise variance,
+    averaged over the images, is the one ``snr`` sets; the absolute power per shell is
+    returned as ``noise_power``. None (default): white noise.
     """
     volume = np.asarray(volume, np.float32)
     box = volume.shape[-1]
@@ -110,6 +120,24 @@ def simulate_particles(volume, n_images: int, *, pixel_size_angstrom: float, snr
                                     jnp.asarray(shifts_px[sl], jnp.float32), c))
     signal_var = float(clean.var())
     sigma = float(np.sqrt(signal_var / snr)) if snr > 0 else 0.0
-    images = clean + sigma * rng.standard_normal(clean.shape).astype(np.float32)
+    noise = rng.standard_normal(clean.shape).astype(np.float32)
+    power = None
+    if noise_spectrum is not None:
+        spectrum = np.asarray(noise_spectrum, np.float64)
+        if spectrum.ndim not in (1, 2) or (spectrum.ndim == 2 and spectrum.shape[0] != n_images):
+            raise ValueError(f"noise_spectrum must be (S,) or ({n_images}, S), got {spectrum.shape}")
+        k = np.fft.fftfreq(box, 1.0 / box)
+        shells = np.rint(np.hypot(k[:, None], k[None, :])).astype(int)  # full (N, N) spectrum
+        per_pixel = np.take(spectrum, np.minimum(shells, spectrum.shape[-1] - 1), axis=-1)  # (N, N) or (n, N, N)
+        power = sigma ** 2 * spectrum / float(np.mean(per_pixel))
+        amplitude = np.sqrt(sigma ** 2 * per_pixel / float(np.mean(per_pixel)))
+        for start in range(0, n_images, chunk):
+            sl = slice(start, start + chunk)
+            a = amplitude if amplitude.ndim == 2 else amplitude[sl]
+            noise[sl] = np.real(np.fft.ifft2(np.fft.fft2(noise[sl]) * a)).astype(np.float32)
+    else:
+        noise *= sigma
+    images = clean + noise
     return SimulatedParticles(images=images, euler_deg=euler, rotations=rotations.astype(np.float32),
-                              shifts_angstrom=shifts_px * pixel_size_angstrom, ctf=ctf, noise_sigma=sigma)
+                              shifts_angstrom=shifts_px * pixel_size_angstrom, ctf=ctf, noise_sigma=sigma,
+                              noise_power=power)

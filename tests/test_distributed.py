@@ -31,7 +31,9 @@ def _particles(data_path):
     from jaxcryo.forward.ctf import CTFParams
     z = np.load(data_path)
     ctf = CTFParams(*(z[f"ctf_{f}"] for f in CTFParams._fields))
-    return jc.prepare_particles(z["images"], z["rotations"], z["shifts_px"], ctf, jc.FourierGrid(BOX))
+    # two noise groups: the noise model is estimated per group from rows sharded over devices
+    return jc.prepare_particles(z["images"], z["rotations"], z["shifts_px"], ctf, jc.FourierGrid(BOX),
+                                noise_group=np.arange(len(z["images"])) % 2)
 
 
 def _check_gather(particles):

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 
 from conftest import make_particles, make_problem, random_pairs
 from jaxcryo.curvature import batch_exact_diagonal, exact_diagonal, hutchinson_diagonal, hvp
+from jaxcryo.geometry import half_volume_weights
 from jaxcryo.loss import forward, loss, per_image_loss, subset, value_grad_hvp
 
 SHELLS = (1.0, 2.0, 0.5, 1.5)
@@ -73,8 +74,30 @@ def test_zero_weight_rows_do_not_count(rng):
     assert float(padded.weight[-1]) == 0.0
     np.testing.assert_allclose(_loss(params, padded, problem), _loss(params, real, problem), rtol=1e-6)
     mean_data = float(jnp.mean(_per_image_loss(params, real, problem)))
-    np.testing.assert_allclose(float(_loss(params, real, problem)) - 0.05 * float(jnp.sum(params ** 2)),
+    # the prior weighs each stored voxel by its Hermitian multiplicity / 2 (test_tikhonov_...)
+    half = 0.5 * half_volume_weights(6)[..., None]
+    np.testing.assert_allclose(float(_loss(params, real, problem)) - 0.05 * float(jnp.sum(half * params ** 2)),
                                mean_data, rtol=1e-5)
+
+
+def test_tikhonov_term_is_half_the_full_spectrum_norm(rng):
+    """lam * (1/2) sum over the full N^3 Hermitian spectrum of |v_k|^2: every stored voxel with
+    0 < kx < N/2 stands for two voxels, the kx = 0 and kx = N/2 planes for one. Brute force by
+    expanding the half-volume to the full spectrum (even and odd boxes)."""
+    from jaxcryo.forward.slicing import hermitian_symmetrize
+    for box in (6, 7):
+        problem = make_problem(box, "trilinear", lam=0.3)
+        params = random_pairs(rng, problem.grid.volume_shape + (2,), np.float32)
+        vft = np.asarray(hermitian_symmetrize(params[..., 0] + 1j * params[..., 1]))  # stored half, made Hermitian
+        full = np.fft.fftn(np.fft.irfftn(vft, s=(box,) * 3, axes=(0, 1, 2)))  # the full spectrum it represents
+        want = 0.3 * 0.5 * np.sum(np.abs(full) ** 2)
+        sym = jnp.stack([vft.real, vft.imag], -1).astype(jnp.float32)
+        got = float(jnp.sum(problem.regularizer() * sym * sym))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        # data and prior in the same ratio on every plane: kx = 0 voxels get half of lam
+        reg = np.asarray(problem.regularizer())[..., 0]
+        assert np.allclose(reg[..., 0], 0.15) and np.allclose(reg[..., 1], 0.3)
+        assert np.allclose(reg[..., -1], 0.15 if box % 2 == 0 else 0.3)
 
 
 # ---------------------------------------------------------------- HVPs
@@ -168,10 +191,11 @@ def test_exact_diagonal_over_a_dataset_is_the_weighted_batch_average(rng):
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-7)
     total = float(particles.weight.sum())
     manual = 0.0
+    prior = 2.0 * problem.regularizer()  # 2 lam m_k / 2 per voxel (multiplicity-weighted Tikhonov)
     for start in range(0, 8, 3):
         b = subset(particles, jnp.arange(start, min(start + 3, 8)))
-        manual = manual + float(b.weight.sum()) / total * (_batch_exact_diagonal(b, problem) - 0.2)
-    np.testing.assert_allclose(chunked, manual + 0.2, rtol=1e-5, atol=1e-7)
+        manual = manual + float(b.weight.sum()) / total * (_batch_exact_diagonal(b, problem) - prior)
+    np.testing.assert_allclose(chunked, manual + prior, rtol=1e-5, atol=1e-7)
 
 
 def test_exact_diagonal_rejects_nufft():

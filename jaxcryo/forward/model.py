@@ -26,12 +26,15 @@ class Particles(NamedTuple):
       rotations: (n, 3, 3) RELION matrices A.
       ctf: CTFParams with (n,) fields, or None for no CTF.
       weight: (n,) 1 for a real particle, 0 for padding.
+      noise_group: (n,) int32 index of each image's noise spectrum (its optics group,
+        0 .. G-1) in ``Problem.shell_weights``, or None: every image in group 0.
     """
 
     data: jnp.ndarray
     rotations: jnp.ndarray
     ctf: CTFParams | None
     weight: jnp.ndarray
+    noise_group: jnp.ndarray | None = None
 
 
 def gridding_weight(box: int, interpolation: str | None):
@@ -113,11 +116,16 @@ def render(volume_pairs, rotations, shifts_px, ctf_params: CTFParams | None, gri
 
 
 def prepare_particles(images, rotations, shifts_px, ctf_params: CTFParams | None,
-                      grid: FourierGrid, weight=None) -> Particles:
-    """Real images (n, N, N) and their poses -> :class:`Particles` (shift undone once here)."""
+                      grid: FourierGrid, weight=None, noise_group=None) -> Particles:
+    """Real images (n, N, N) and their poses -> :class:`Particles` (shift undone once here).
+
+    ``noise_group``: optional (n,) integer noise group (optics group index 0 .. G-1) per image.
+    """
     data = images_to_ft(jnp.asarray(images), grid)
     ramp = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(jnp.asarray(shifts_px, data.dtype))
     data = conj_multiply(ramp, data)
     weight = jnp.ones(data.shape[0], data.dtype) if weight is None else jnp.asarray(weight, data.dtype)
+    if noise_group is not None:
+        noise_group = jnp.asarray(noise_group, jnp.int32)
     return Particles(data=data, rotations=jnp.asarray(rotations, data.dtype), ctf=ctf_params,
-                     weight=weight)
+                     weight=weight, noise_group=noise_group)
