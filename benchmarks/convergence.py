@@ -148,7 +148,7 @@ def run_method(method: str, particles, problem: Problem, *, box: int, pixel: flo
                   epochs=epochs, batch_size=settings.get("batch_size", batch_size), lam=problem.lam,
                   halves=False, seed=settings.get("seed", 0), n_probes=settings.get("n_probes", 1),
                   beta=settings.get("beta", 0.9), alpha=settings.get("alpha"), c=settings.get("c", 0.9),
-                  callback=callback)
+                  callback=callback, noise_model="white")  # white: least_squares' objective
     if method == "adam":
         kwargs["learning_rate"] = settings["adam_lr"]
     rec = reconstruct(particles, **kwargs)
