@@ -536,7 +536,13 @@ def _refine(args) -> int:
     star_out = f"{root}_particles.star"
     t_start = time.perf_counter()
     if str(args.symmetry).upper() != "C1":
-        raise InputError(f"--symmetry {args.symmetry}: refine handles C1 only for now")
+        from jaxcryo.loss import Problem
+        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
+            raise InputError(f"--symmetry {args.symmetry}: this build handles C1 only")
+        try:
+            Problem(grid=FourierGrid(4), symmetry=args.symmetry)
+        except ValueError as err:
+            raise InputError(f"--symmetry {args.symmetry}: {err}") from None
     table, stack = open_particles(args.star, require_poses=args.local)
     with stack:
         note = stack.pixel_size_note()
@@ -795,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--diameter", type=pos_float, default=None, metavar="A",
                      help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
     ref.add_argument("--mask", default=None, metavar="MASK.mrc", help="solvent mask (values 0..1) instead of the sphere")
-    ref.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
+    ref.add_argument("--symmetry", default="C1", metavar="SYM",
+                     help="point group of the map (RELION symbols: C1, C4, D2, T, O, I, ...)")
     ref.add_argument("--local", action="store_true",
                      help="start from the STAR's poses (local searches only) instead of a global search")
     ref.add_argument("--epochs", type=pos_int, default=12, metavar="E", help="at most this many epochs")

@@ -350,7 +350,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       local: start from the particles' rotations (local searches only, no global search).
       epochs: at most this many epochs; the run stops earlier (after ``min_epochs``) when the
         sampling is at its finest and neither the resolution nor the poses changed (resolution
-        gained under 1% and mean pose change under half the angular step).
+        gained under 1% and mean pose change under a quarter of the angular step).
       global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
         global search; max_shift_px (default box/8), shift_step_px: its shift grid.
       local_step_deg: first local angular step (default half the global step); each later
@@ -361,14 +361,18 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       method, batch_size, lam, n_probes, interpolation, seed: the volume step, as
         :func:`jaxcryo.reconstruct.reconstruct`.
       resume, callback: continue from / receive a :class:`RefineState` after every epoch.
-      symmetry: only 'C1' for now (accepted so that the CLI flag passes through).
+      symmetry: point group (RELION symbol) of the volume step, where :mod:`jaxcryo.symmetry`
+        is present (Problem.symmetry); the pose search still covers all of SO(3).
     Returns:
       :class:`Refinement`. Its reconstruction's history has, per epoch: ``epoch``, ``loss`` (at
       the best poses), ``seconds``, ``resolution_angstrom``, ``angular_step_deg``,
       ``shift_step_px``, ``r_limit``, ``mean_pose_change_deg``, ``mode``.
     """
+    sym = {}
     if str(symmetry).upper() != "C1":
-        raise NotImplementedError("symmetry other than C1 is not available in refine yet")
+        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
+            raise NotImplementedError("symmetry other than C1 needs jaxcryo.symmetry (Problem.symmetry)")
+        sym = {"symmetry": symmetry}  # the volume step symmetrises; poses are searched over all of SO(3)
     grid = FourierGrid(box)
     dtype = particles.data.dtype
     max_shift_px = box / 8.0 if max_shift_px is None else float(max_shift_px)
@@ -376,7 +380,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     if mask is None:
         mask = spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom, soft_width=3.0)
     mask = jnp.asarray(mask, dtype)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, **sym)
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     n = particles.weight.shape[0]
@@ -530,7 +534,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
                 nxt["shift_step_px"] = plan["shift_step_px"] / 2
         prev_res = history["resolution_angstrom"][-2] if len(history["resolution_angstrom"]) > 1 else float("inf")
         settled = (mode == "local" and not finer and res > 0.99 * prev_res
-                   and mean_change < 0.5 * plan["step_deg"] and epoch >= min_epochs)
+                   and mean_change < 0.25 * plan["step_deg"] and epoch >= min_epochs)
         nxt["stop"] = bool(settled)
         history["next"].append(nxt)
         state = RefineState(ReconState(epoch, params, opt_state, keys, history), pose_state)
