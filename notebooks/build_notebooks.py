@@ -246,7 +246,7 @@ from jaxcryo.forward import FourierGrid
 from jaxcryo.reconstruct import half_sets
 from jaxcryo.refine import rotation_angle_deg
 
-cfg = {"small": dict(box=24, pixel_size=8.0, n_images=200, snr=1.0, epochs=5, global_order=1, batch_size=50),
+cfg = {"small": dict(box=24, pixel_size=8.0, n_images=160, snr=1.0, epochs=4, global_order=1, batch_size=40),
        "full": dict(box=128, pixel_size=2.0, n_images=50000, snr=0.1, epochs=15, global_order=2, batch_size=256)}[SIZE]
 box, px = cfg["box"], cfg["pixel_size"]
 print(jax.devices(), cfg)'''),
@@ -258,8 +258,7 @@ unposed = jaxcryo.prepare_particles(sim.images, np.broadcast_to(np.eye(3, dtype=
                                     np.zeros((n, 2), np.float32), sim.ctf, FourierGrid(box))
 groups = half_sets(n)  # the half-sets refine draws (same seed)'''),
     new_markdown_cell("## Refine from the truth low-passed to 40 A, with psgd and with sgd in the volume step"),
-    new_code_cell('''runs = {}
-for method in ("psgd", "sgd"):
+    new_code_cell('''def run(method):
     errors = []
 
     def track(state):  # median angular error of the current best poses, per epoch
@@ -270,11 +269,15 @@ for method in ("psgd", "sgd"):
     out = jaxcryo.refine(unposed, truth, box=box, pixel_size_angstrom=px, initial_lowpass_angstrom=40.0,
                          epochs=cfg["epochs"], global_order=cfg["global_order"], batch_size=cfg["batch_size"],
                          method=method, callback=track)
-    runs[method] = (out, errors)
     h = out.reconstruction.history
     print(f"{method}: {time.perf_counter() - t0:.1f} s, compile {h['compile_seconds']:.1f} s")
     for e, mode, res, step, err in zip(h["epoch"], h["mode"], h["resolution_angstrom"], h["angular_step_deg"], errors):
-        print(f"  epoch {e} {mode:6s} step {step:5.2f} deg  half-map resolution {res:5.1f} A  median pose error {err:5.2f} deg")'''),
+        print(f"  epoch {e} {mode:6s} step {step:5.2f} deg  half-map resolution {res:5.1f} A  median pose error {err:5.2f} deg")
+    return out, errors
+
+
+runs = {"psgd": run("psgd")}'''),
+    new_code_cell('''runs["sgd"] = run("sgd")'''),
     new_markdown_cell("## Resolution and pose error by epoch"),
     new_code_cell('''fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
 for method, (out, errors) in runs.items():
