@@ -189,7 +189,7 @@ def lowpass(volume, pixel_size_angstrom: float, resolution_angstrom: float, edge
     cut = n * pixel_size_angstrom / resolution_angstrom
     edge = np.clip((r - cut) / edge_shells + 0.5, 0.0, 1.0)
     filt = 0.5 + 0.5 * np.cos(np.pi * edge)
-    return np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape).astype(np.float32)
+    return np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def resample_map(volume, pixel_size_angstrom: float, box: int, target_pixel_size_angstrom: float):
