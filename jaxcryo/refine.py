@@ -132,9 +132,10 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
             rot = jnp.take_along_axis(cand_rot, i_rot[:, :, None, None], axis=1)
             shift = jnp.take_along_axis(cand_shift, i_shift[:, :, None], axis=1)
         data = _shifted(batch.data, shift, grid)  # (B, K, P, 2)
-        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), k, axis=0), batch.ctf)
-        expanded = Particles(data=data.reshape((b * k,) + data.shape[2:]), rotations=rot.reshape(b * k, 3, 3),
-                             ctf=ctf, weight=(batch.weight[:, None] * w.astype(dtype)).reshape(b * k))
+        # Every per-image field (CTF, and any other) repeated K times; then the candidates.
+        expanded = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), k, axis=0), batch)
+        expanded = expanded._replace(data=data.reshape((b * k,) + data.shape[2:]), rotations=rot.reshape(b * k, 3, 3),
+                                     weight=(batch.weight[:, None] * w.astype(dtype)).reshape(b * k))
         return expanded, PoseState(rot[:, 0], shift[:, 0], max_prob.astype(dtype))
 
     return stage
