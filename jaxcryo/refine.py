@@ -291,9 +291,11 @@ def _reference_scale(init_ft, particles: Particles, grid: FourierGrid, interpola
     model = model * ctf_batch(sample.ctf, grid, rot.shape[0], model.dtype)[..., None]
     m2 = np.asarray(jnp.sum(model ** 2, -1))
     low = (shells >= 1) & (shells <= cut_shell)
+    if not np.any(low):
+        return 1.0
     signal = max(float(y2[:, low].mean()) - floor, 0.0)
     model_power = float(m2[:, low].mean())
-    if model_power <= 0 or signal <= 0:
+    if not (model_power > 0 and signal > 0):
         return 1.0
     return math.sqrt(signal / model_power)
 
@@ -344,8 +346,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       particles: :class:`Particles` whose ``data`` have any prior shift already undone (zeros
         for a global search) and whose ``rotations`` are the priors used with ``local``.
       reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
-        :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` and, with
-        ``scale_reference``, scaled to the images' signal power.
+        :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` (no coarser
+        than Fourier shell 2) and, with ``scale_reference``, scaled to the images' signal power.
       diameter_angstrom: soft spherical solvent mask diameter (default: the box less 6 px);
         ``mask`` (real (box,)*3, values 0..1) replaces it.
       local: start from the particles' rotations (local searches only, no global search).
@@ -399,6 +401,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     global_step = poses.angular_step_deg(global_order)
     first_local = global_step / 2 if local_step_deg is None else float(local_step_deg)
 
+    # A start coarser than Fourier shell 2 holds no pose information: low-pass no further.
+    initial_lowpass_angstrom = min(float(initial_lowpass_angstrom), box * pixel_size_angstrom / 2.0)
     if resume is None:
         ref = lowpass(reference, pixel_size_angstrom, initial_lowpass_angstrom) * np.asarray(mask)
         init = volume_to_ft(jnp.asarray(ref, dtype), interpolation)
@@ -489,7 +493,9 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         t0 += time.perf_counter() - t1  # compilation is not run time
         params, opt_state, keys, _, pose_state = fn(*inputs)
         params = _apply_mask(params, mask, interpolation)
-        jax.block_until_ready(params)
+        if not bool(jnp.all(jnp.isfinite(params))):
+            raise FloatingPointError(f"refine: the half-maps became non-finite in epoch {epoch} "
+                                     "(check the images and the reference for NaN/Inf)")
         change = rotation_angle_deg(before, np.asarray(pose_state.rotations))
         real = groups >= 0
         mean_change = float(change[real].mean())

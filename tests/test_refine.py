@@ -215,3 +215,25 @@ def test_local_refinement_improves_perturbed_priors(simulated):
     shift_err = np.linalg.norm(t + out.shifts_px - sim.shifts_angstrom / PX, axis=1)
     assert np.median(shift_err) < 0.5, np.median(shift_err)
     assert out.reconstruction.history["mode"] == ["local"] * len(out.reconstruction.history["epoch"])
+
+
+def test_cli_refine_refuses_bad_references_and_masks(tmp_path, capsys):
+    from jaxcryo.cli import main
+    from jaxcryo.io import write_map
+
+    sim_dir = tmp_path / "sim"
+    assert main(["simulate", "--out", str(sim_dir), "--n-images", "8", "--box", "16", "--pixel-size", "2",
+                 "--quiet"]) == 0
+    star = str(sim_dir / "particles.star")
+    odd = tmp_path / "odd.mrc"
+    write_map(str(odd), np.zeros((21, 21, 21), np.float32), voxel_size_angstrom=2.7)  # 56.7 A: 28.35 px
+    out = tmp_path / "map.mrc"
+    assert main(["refine", star, "--reference", str(odd), "--out", str(out), "--quiet"]) == 2
+    assert "odd.mrc" in capsys.readouterr().err
+    mask = tmp_path / "mask.mrc"
+    write_map(str(mask), np.ones((12, 12, 12), np.float32), voxel_size_angstrom=2.0)
+    assert main(["refine", star, "--reference", str(sim_dir / "truth.mrc"), "--mask", str(mask), "--out", str(out),
+                 "--quiet"]) == 2
+    assert "mask.mrc" in capsys.readouterr().err
+    assert main(["refine", star, "--reference", str(tmp_path / "missing.mrc"), "--out", str(out), "--quiet"]) == 2
+    assert not out.exists()
