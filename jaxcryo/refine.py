@@ -41,7 +41,7 @@ from jaxcryo.loss import Problem, data_loss_sum, forward, subset, sum_over_batch
 from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
                                  group_functions, make_optimizer, wiener_shell_lam)
 
-__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine",
+__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes", "default_chunk",
            "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
 
 
@@ -175,6 +175,33 @@ def rotation_angle_deg(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     cos = (np.einsum("...ij,...ij->...", a, b) - 1.0) / 2.0
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def default_chunk(box: int, interpolation: str = "trilinear") -> int:
+    """Rotations projected at a time by the pose stage: a power of two in [64, 4096] that keeps
+    the chunk's projections and stencils near 1 GB (float32)."""
+    k = 8 if interpolation == "trilinear" else 1
+    per_rotation = FourierGrid(box).n_pixels * (4 + 5 * k)
+    return int(2 ** np.clip(np.floor(np.log2(2.5e8 / per_rotation)), 6, 12))
+
+
+def pose_stage_bytes(batch_size: int, box: int, *, global_order: int = 2, max_shift_px: float | None = None,
+                     shift_step_px: float = 1.0, top_k: int = 4, chunk: int | None = None, groups: int = 2,
+                     interpolation: str = "trilinear", dtype_bytes: int = 4) -> int:
+    """Scratch memory of the pose stage and the expanded volume step during a global epoch (the
+    larger of the two searches), for all half-sets at once: the score buffers of
+    :func:`jaxcryo.poses.score_poses` (see its module docstring) plus the B x K expanded rows and
+    their forward/adjoint buffers."""
+    grid = FourierGrid(box)
+    p = grid.n_pixels
+    m = len(poses.so3_grid(global_order)) if global_order <= 3 else 72 * 8 ** global_order
+    s = len(poses.shift_grid(min(5.0, box / 8.0) if max_shift_px is None else max_shift_px, shift_step_px))
+    c = min(default_chunk(box, interpolation) if chunk is None else chunk, m)
+    k = 8 if interpolation == "trilinear" else 1
+    b = batch_size
+    scores = 2 * b * s * p + c * p * (4 + 3 * k) + 2 * c * p * k + b * s * c + 2 * b * s * m
+    expanded = 4 * b * top_k * (2 * p + 19) + 2 * b * top_k * p * 2 * k
+    return int(groups * dtype_bytes * (scores + expanded))
 
 
 # ----------------------------------------------------------------------------- maps
@@ -338,6 +365,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
            shift_step_px: float = 1.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
            min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
            lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
+           chunk: int | None = None,
            resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
            symmetry: str = "C1") -> Refinement:
     """Gold-standard refinement of a map and the particles' poses.
@@ -355,7 +383,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         sampling is at its finest and neither the resolution nor the poses changed (resolution
         gained under 1% and mean pose change under a quarter of the angular step).
       global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
-        global search; max_shift_px (default box/8), shift_step_px: its shift grid.
+        global search; max_shift_px (default min(5, box/8) px, RELION: 5), shift_step_px: its shift grid.
       local_step_deg: first local angular step (default half the global step); each later
         epoch halves the angular and shift steps down to ``min_step_deg`` / ``min_shift_step_px``
         (no finer than the resolution needs: atan(resolution / diameter) / 2).
@@ -363,6 +391,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       margin_shells: Fourier shells scored beyond the current half-map resolution.
       method, batch_size, lam, n_probes, interpolation, seed: the volume step, as
         :func:`jaxcryo.reconstruct.reconstruct`.
+      chunk: rotations projected at a time by the pose stage (default :func:`default_chunk`).
       resume, callback: continue from / receive a :class:`RefineState` after every epoch.
       symmetry: point group (RELION symbol) of the volume step, where :mod:`jaxcryo.symmetry`
         is present (Problem.symmetry); the pose search still covers all of SO(3).
@@ -378,7 +407,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         sym = {"symmetry": symmetry}  # the volume step symmetrises; poses are searched over all of SO(3)
     grid = FourierGrid(box)
     dtype = particles.data.dtype
-    max_shift_px = box / 8.0 if max_shift_px is None else float(max_shift_px)
+    max_shift_px = min(5.0, box / 8.0) if max_shift_px is None else float(max_shift_px)
     diameter_angstrom = (box - 6) * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     if mask is None:
         mask = spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom, soft_width=3.0)
@@ -476,7 +505,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         r_static = int(min(grid.radius, quantum * math.ceil(plan["r_limit"] / quantum)))
         search = PoseSearch(mode=mode, order=global_order, max_shift_px=max_shift_px,
                             shift_step_px=shift_step_px, top_k=top_k, temperature=temperature,
-                            r_limit=r_static, interpolation=interpolation)
+                            r_limit=r_static, interpolation=interpolation,
+                            chunk=default_chunk(box, interpolation) if chunk is None else int(chunk))
         sigma2 = np.asarray(history["sigma2"][-1])
         reg = jnp.broadcast_to(problem.regularizer(dtype), grid.volume_shape + (1,))
         args = {"pixel_weights": _pixel_weights(sigma2, grid, dtype) * r_mask(plan["r_limit"]),
