@@ -805,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "its high-resolution detail cannot bias the poses")
     ref.add_argument("--diameter", type=pos_float, default=None, metavar="A",
                      help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
-    ref.add_argument("--mask", default=None, metavar="MASK.mrc", help="solvent mask (values 0..1) instead of the sphere")
+    ref.add_argument("--mask", default=None, metavar="MASK.mrc",
+                     help="solvent mask (values 0..1) instead of the sphere")
     ref.add_argument("--symmetry", default="C1", metavar="SYM",
                      help="point group of the map (RELION symbols: C1, C4, D2, T, O, I, ...)")
     ref.add_argument("--local", action="store_true",

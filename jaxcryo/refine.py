@@ -41,8 +41,8 @@ from jaxcryo.loss import Problem, data_loss_sum, forward, subset, sum_over_batch
 from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
                                  group_functions, make_optimizer, wiener_shell_lam)
 
-__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes", "default_chunk",
-           "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
+__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes",
+           "default_chunk",            "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
 
 
 class PoseState(NamedTuple):

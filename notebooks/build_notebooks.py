@@ -272,7 +272,8 @@ groups = half_sets(n)  # the half-sets refine draws (same seed)'''),
     h = out.reconstruction.history
     print(f"{method}: {time.perf_counter() - t0:.1f} s, compile {h['compile_seconds']:.1f} s")
     for e, mode, res, step, err in zip(h["epoch"], h["mode"], h["resolution_angstrom"], h["angular_step_deg"], errors):
-        print(f"  epoch {e} {mode:6s} step {step:5.2f} deg  half-map resolution {res:5.1f} A  median pose error {err:5.2f} deg")
+        print(f"  epoch {e} {mode:6s} step {step:5.2f} deg  half-map resolution {res:5.1f} A  "
+              f"median pose error {err:5.2f} deg")
     return out, errors
 
 
