@@ -42,7 +42,7 @@ from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _sta
                                  group_functions, make_optimizer, wiener_shell_lam)
 
 __all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes",
-           "default_chunk",            "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
+           "default_chunk", "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
 
 
 class PoseState(NamedTuple):
