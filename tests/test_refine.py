@@ -129,7 +129,9 @@ def test_refine_from_a_40A_lowpass_reaches_known_pose_quality(simulated):
     f_known = jc.fsc(known.volume, truth)[shells].mean()
     assert f_ref > f_known - 0.05, (f_ref, f_known)
     assert set(np.unique(out.half_set)) == {1, 2}
-    assert h["resolution_angstrom"][-1] < h["resolution_angstrom"][0]
+    # It stopped by itself (before the cap of 10 epochs) once the poses settled at the finest step.
+    assert len(h["epoch"]) < 10 and h["mean_pose_change_deg"][-1] < 0.25 * final_step, h
+    assert h["mode"][:2] == ["global", "global"] and h["mode"][-1] == "local"
 
 
 def test_resume_gives_the_same_map(simulated):
