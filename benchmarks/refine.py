@@ -96,6 +96,17 @@ def pose_stage(box, r_limit, batch, order, shift_max, shift_step, chunk, interpo
     rhs = jax.random.normal(key, (2 * p, m), jnp.float32)
     dot = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision))
     t_dot, best_dot = timeit(dot, lhs, rhs, repeats=repeats)
+    search = jax.jit(lambda v, d, c, r, t: poses.search_top_k(v, d, c, r, t, grid, k=4, r_limit=r_limit,
+                                                              interpolation=interpolation, chunk=chunk,
+                                                              precision=precision))
+    t_search, _ = timeit(search, vol, data, ctf, rot, sh, repeats=repeats)
+    # local search: 27 rotations x 9 shifts around each image's own pose
+    cand_r = poses.local_rotations(rot[:batch], poses.angular_step_deg(order) / 2, 1)
+    cand_s = poses.local_shifts(jnp.zeros((batch, 2)), shift_step / 2, 1)
+    local = jax.jit(lambda v, d, c, r, t: poses.score_local(v, d, c, r, t, grid, r_limit=r_limit,
+                                                            interpolation=interpolation, chunk=chunk,
+                                                            precision=precision))
+    t_local, _ = timeit(local, vol, data, ctf, cand_r, cand_s, repeats=repeats)
     flops_dot = 2.0 * batch * s * 2 * p * m
     flops_score = flops_dot + 2.0 * batch * p * m  # cross term + norm term
     comparisons = float(batch) * m * s
@@ -111,8 +122,11 @@ def pose_stage(box, r_limit, batch, order, shift_max, shift_step, chunk, interpo
         "matmul_s_same_shape": t_dot, "matmul_gflops": flops_dot / t_dot / 1e9,
         "matmul_comparisons_per_s": comparisons / t_dot,
         "fraction_of_matmul_rate": t_dot / t_score, "fraction_of_matmul_rate_best": best_dot / best_score,
-        "scratch_bytes_estimate": int(4 * (2 * batch * s * p + min(chunk, m) * p * (4 + 3 * 8 + 2 * 8)
-                                           + batch * s * min(chunk, m) + 2 * batch * s * m)),
+        "search_top_k_s": t_search, "search_top_k_comparisons_per_s": comparisons / t_search,
+        "local_candidates": [int(cand_r.shape[1]), int(cand_s.shape[1])], "local_s": t_local,
+        "local_comparisons_per_s": float(batch) * cand_r.shape[1] * cand_s.shape[1] / t_local,
+        "memory_bytes_estimate": poses.memory_bytes(batch, m, s, grid, r_limit=r_limit,
+                                                    interpolation=interpolation, chunk=chunk),
     }
 
 
@@ -149,14 +163,16 @@ def main(argv=None):
     with open(os.path.join(args.out, f"pose_stage_{tag}.json"), "w") as f:
         json.dump(result, f, indent=1)
     lines = ["| box | r_limit | P' | B | M | S | comparisons/s | pose-stage GFLOP/s | matmul GFLOP/s | "
-             "fraction of matmul rate (best) | projection share | rel. error vs loop |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fraction of matmul rate (best) | projection share | streamed top-k comparisons/s | "
+             "local (27 x 9) comparisons/s | rel. error vs loop |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['box']} | {r['r_limit']:g} | {r['pixels_used']} | {r['batch']} | {r['rotations']} | "
                      f"{r['shifts']} | {r['comparisons_per_s']:.3g} | {r['score_gflops']:.3g} | "
                      f"{r['matmul_gflops']:.3g} | {r['fraction_of_matmul_rate']:.2f} "
                      f"({r['fraction_of_matmul_rate_best']:.2f}) | "
-                     f"{r['projection_fraction']:.2f} | {r['rel_error_dense_vs_loop']:.1e} |")
+                     f"{r['projection_fraction']:.2f} | {r['search_top_k_comparisons_per_s']:.3g} | "
+                     f"{r['local_comparisons_per_s']:.3g} | {r['rel_error_dense_vs_loop']:.1e} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, f"pose_stage_{tag}.md"), "w") as f:
         f.write(f"Pose-stage throughput on {result['machine']['processor']} ({result['machine']['jax_backend']}, "

@@ -30,22 +30,25 @@ compares them with the projection translated by -t; the particle's refined origi
 
 Slicing here reads a centred full Fourier cube of edge D = 2 (ceil(r_limit) + 1) + 1 built
 once per call from the half volume (one base index per pixel, constant corner offsets, no
-fold); it equals :func:`jaxcryo.forward.model.slices` (tested) and is about twice as fast.
+fold; eight fused gathers); it equals :func:`jaxcryo.forward.model.slices` (tested) and is several
+times faster on CPU.
 
 Memory (float32, 4 bytes per number) of :func:`score_poses` with B images, S shifts, M
-rotations, P' pixels and chunk size C = min(chunk, M), trilinear:
+rotations, P' pixels and chunk size C = min(chunk, M):
 
-    4 bytes * ( 2 B S P'      shifted, CTF- and noise-weighted images (kept for the whole scan)
-              + ~40 C P'      one chunk's slices: coordinates, 8 weights, 8 gathered pairs
-              + B S C         one chunk's cross term
-              + 2 B S M       all scores and their (B, M, S) transpose
-              + 2 D^3 )       the cube
+    4 bytes * ( 2 B S P'             shifted, CTF- and noise-weighted images (kept for the whole scan)
+              + 3 C P' + 16 Cb P'    one chunk's slices and their power; one block's coordinates
+              + B S C                one chunk's cross term
+              + 2 B S M              all scores and their (B, M, S) transpose
+              + 2 D^3 )              the cube
 
-(nearest: ~10 C P' for the slices). So it grows like B*S*(P' + M) and, through the chunk,
-like C*P'; choose C so that 40 C P' fits beside the B*S*M output. Example: B = 128, S = 13,
-M = 36864 (7.5 degrees), r_limit = 32 (P' ~ 1600), C = 4096: 21 MB + 1 GB + 27 MB + 490 MB.
-:func:`score_local` holds, per chunk of Bc = max(1, chunk // L) images, ~40 Bc L P' + 2 Bc S P'
-+ Bc L S numbers, and 2 B L S for its output.
+with Cb = C on accelerators and min(C, 2^17 / P') on CPU, where slices are computed in blocks
+that stay in cache. So it grows like B*S*(P' + M) and, through the chunk, like C*P'. Example:
+B = 128, S = 13, M = 36864 (7.5 degrees), r_limit = 32 (P' ~ 1600), C = 4096 on a GPU:
+21 MB + 500 MB + 27 MB + 490 MB; the scores themselves dominate at large M, which
+:func:`search_top_k` avoids (it keeps each image's best k). :func:`score_local` holds, per
+chunk of Bc = max(1, chunk // L) images, 3 Bc L P' + 16 Cb P' + 4 Bc S P' + Bc L S numbers
+(Cb = Bc L on accelerators), and 2 B L S for its output. :func:`memory_bytes` evaluates this.
 """
 from __future__ import annotations
 
@@ -241,30 +244,49 @@ _CORNERS = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).resh
 def _cube_slices(cube, half_width: int, rotations, freqs, interpolation: str):
     """Central slices (K, P', 2) at K rotations read from :func:`_centred_cube`; equal to
     ``forward.model.slices`` for |k| + 1 <= half_width (no fold, no bounds checks: one base
-    index per pixel plus constant corner offsets)."""
+    index per pixel plus constant corner offsets). The eight corners are separate gathers
+    summed in place, which XLA fuses (a (K, P', 8, 2) gather does not fit in cache)."""
     d = 2 * half_width + 1
     p = jnp.einsum("pi,kij->kpj", jnp.asarray(freqs, cube.dtype), rotations[:, :2, :])  # (K, P', 3) x, y, z
     strides = jnp.asarray([1, d, d * d], jnp.int32)
     if interpolation == "nearest":
-        q = jnp.round(p).astype(jnp.int32) + half_width
-        return cube[jnp.sum(q * strides, -1)]
+        return cube[jnp.sum((jnp.round(p).astype(jnp.int32) + half_width) * strides, -1)]
     base = jnp.floor(p)
     frac = p - base
     index = jnp.sum((base.astype(jnp.int32) + half_width) * strides, -1)  # (K, P')
-    offsets = jnp.asarray(_CORNERS @ np.array([1, d, d * d]), jnp.int32)  # (8,)
-    corners = jnp.asarray(_CORNERS, cube.dtype)
-    weight = jnp.prod(jnp.where(corners > 0, frac[..., None, :], 1 - frac[..., None, :]), -1)  # (K, P', 8)
-    rows = cube[index[..., None] + offsets]  # (K, P', 8, 2)
-    return jnp.einsum("kpe,kpec->kpc", weight, rows)
+    out = jnp.zeros(index.shape + (cube.shape[-1],), cube.dtype)
+    for dx, dy, dz in _CORNERS:
+        weight = ((frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+                  * (frac[..., 2] if dz else 1 - frac[..., 2]))
+        out = out + weight[..., None] * cube[index + int(dx + dy * d + dz * d * d)]
+    return out
 
 
 def _projector(volume_pairs, pix: _PixelSet, interpolation: str):
-    """rotations (K, 3, 3) -> slices (K, P', 2) of the volume at the selected pixels."""
+    """rotations (K, 3, 3) -> slices (K, P', 2) of the volume at the selected pixels.
+
+    On CPU the rotations are taken in blocks of about 2^17 / P' under ``lax.map`` so that a
+    block's coordinates and slices stay in cache (measured: 1024 rotations at once at box 64
+    cost 5x more per rotation than blocks of 256); accelerators take all K at once.
+    """
     half_width = int(np.ceil(np.linalg.norm(pix.freqs, axis=-1).max())) + 1
-    if interpolation in ("nearest", "trilinear") and half_width <= pix.box // 2:
-        cube = _centred_cube(volume_pairs, half_width)
-        return lambda r: _cube_slices(cube, half_width, r, pix.freqs, interpolation)
-    return lambda r: slices(volume_pairs, r, pix, interpolation)
+    if interpolation not in ("nearest", "trilinear") or half_width > pix.box // 2:
+        return lambda r: slices(volume_pairs, r, pix, interpolation)
+    cube = _centred_cube(volume_pairs, half_width)
+    one = functools.partial(_cube_slices, cube, half_width, freqs=pix.freqs, interpolation=interpolation)
+    block = max(8, 2 ** 17 // len(pix.freqs)) if jax.default_backend() == "cpu" else None
+
+    def project(rotations):
+        k = rotations.shape[0]
+        if block is None or k <= block:
+            return one(rotations)
+        n = -(-k // block)
+        padded = jnp.concatenate([rotations, jnp.broadcast_to(jnp.eye(3, dtype=rotations.dtype),
+                                                              (n * block - k, 3, 3))])
+        out = jax.lax.map(one, padded.reshape(n, block, 3, 3))
+        return out.reshape((n * block,) + out.shape[2:])[:k]
+
+    return project
 
 
 def score_pixels(grid: FourierGrid, r_limit: float | None) -> np.ndarray:
@@ -293,18 +315,24 @@ def _ctf(ctf, idx, n, dtype):
     return jnp.asarray(ctf, dtype)[:, idx]
 
 
-def _check(volume_pairs, data, grid):
+def _check(volume_pairs, data, grid, rotations, shifts, local=False):
     if tuple(volume_pairs.shape[:3]) != grid.volume_shape:
         raise ValueError(f"volume has shape {volume_pairs.shape}, the grid needs {grid.volume_shape} + (2,)")
     if data.ndim != 3 or data.shape[1] != grid.n_pixels:
         raise ValueError(f"data must be (B, {grid.n_pixels}, 2) for this grid, got {data.shape}")
+    want = "(B, L, 3, 3)" if local else "(M, 3, 3)"
+    rs, ts = np.shape(rotations), np.shape(shifts)
+    if len(rs) != (4 if local else 3) or rs[-2:] != (3, 3) or (local and rs[0] != data.shape[0]):
+        raise ValueError(f"rotations must be {want} with B = {data.shape[0]}, got {rs}")
+    if len(ts) not in ((2, 3) if local else (2,)) or ts[-1] != 2 or (len(ts) == 3 and ts[0] != data.shape[0]):
+        raise ValueError(f"shifts must be {'(B, S, 2) or ' if local else ''}(S, 2), got {ts}")
 
 
 def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights, r_limit, interpolation,
                    chunk, precision):
     """The scan of :func:`score_poses`: (one, rotation chunks, sizes), ``one(chunk (C, 3, 3))`` giving
     the chunk's scores (B, S, C); padding rotations (identity) fill the last chunk."""
-    _check(volume_pairs, data, grid)
+    _check(volume_pairs, data, grid, rotations, shifts)
     dtype = data.dtype
     b = data.shape[0]
     m = rotations.shape[0]
@@ -428,7 +456,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     :func:`local_shifts`) or (S, 2) shared by all images. Images are processed in chunks of
     max(1, chunk // L) under ``lax.map``.
     """
-    _check(volume_pairs, data, grid)
+    _check(volume_pairs, data, grid, rotations, shifts, local=True)
     dtype = data.dtype
     b, n_rot = rotations.shape[:2]
     shifts = jnp.asarray(shifts, dtype)
@@ -473,22 +501,30 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
 
 def memory_bytes(n_images: int, n_rotations: int, n_shifts: int, grid: FourierGrid, *,
                  r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
-                 local: bool = False, itemsize: int = 4) -> int:
+                 local: bool = False, backend: str | None = None, itemsize: int = 4) -> int:
     """Upper estimate of the scratch and output bytes of one :func:`score_poses` call
     (``local=False``; n_rotations = M shared) or :func:`score_local` call (``local=True``;
-    n_rotations = L per image), following the formula in the module docstring. Checked
-    against XLA's compiled memory analysis in the tests (it is within about 2x above it)."""
+    n_rotations = L per image), following the formula in the module docstring, for
+    ``backend`` (default: JAX's default backend; CPU slices in blocks, see :func:`_projector`).
+    Checked against XLA's compiled memory analysis in the tests (within 3x above it)."""
     b, m, s = int(n_images), int(n_rotations), int(n_shifts)
-    p = int(score_pixels(grid, r_limit).size)
-    d = 2 * (int(np.ceil(np.linalg.norm(grid.freqs[score_pixels(grid, r_limit)], axis=-1).max())) + 1) + 1
-    per_pixel = 40 if interpolation == "trilinear" else 10
+    idx = score_pixels(grid, r_limit)
+    p = int(idx.size)
+    d = 2 * (int(np.ceil(np.linalg.norm(grid.freqs[idx], axis=-1).max())) + 1) + 1
+    backend = jax.default_backend() if backend is None else backend
+    block = max(8, 2 ** 17 // p) if backend == "cpu" else None
+    per_pixel = 16 if interpolation in ("trilinear", "nearest") else 40
     inputs = 4 * b * p  # selected images, weights, CTF
+
+    def slicing(k):  # slices and their power (3 per pixel), and one block's coordinates
+        return 3 * k * p + per_pixel * (k if block is None else min(k, block)) * p
+
     if local:
         per = max(1, min(b, chunk // max(m, 1)))
-        n = inputs + per_pixel * per * m * p + 4 * per * s * p + per * m * s + 2 * b * m * s + 2 * d ** 3
+        n = inputs + slicing(per * m) + 4 * per * s * p + per * m * s + 2 * b * m * s + 2 * d ** 3
     else:
         c = min(chunk, m)
-        n = inputs + 2 * b * s * p + per_pixel * c * p + b * s * c + 2 * b * s * m + 2 * d ** 3
+        n = inputs + 2 * b * s * p + slicing(c) + b * s * c + 2 * b * s * m + 2 * d ** 3
     return int(itemsize * n)
 
 

@@ -404,3 +404,25 @@ def test_dense_scores_equal_brute_force_float64(rng):
         loop = poses.brute_force_scores(vol, data, ctf, rot, sh, grid, pixel_weights=w, r_limit=3.5)
         assert dense.dtype == jnp.float64
         np.testing.assert_allclose(np.asarray(dense), loop, rtol=1e-12, atol=1e-12 * np.abs(loop).max())
+
+
+def test_bad_shapes_are_named():
+    grid = FourierGrid(8)
+    vol = jnp.zeros(grid.volume_shape + (2,))
+    data = jnp.zeros((2, grid.n_pixels, 2))
+    rot = jnp.asarray(poses.so3_grid(0)[:3])
+    sh = jnp.zeros((1, 2))
+    with pytest.raises(ValueError, match="rotations must be"):
+        poses.score_poses(vol, data, None, rot[:, :2], sh, grid)
+    with pytest.raises(ValueError, match="shifts must be"):
+        poses.score_poses(vol, data, None, rot, jnp.zeros((1, 3)), grid)
+    with pytest.raises(ValueError, match="data must be"):
+        poses.score_poses(vol, data[:, :-1], None, rot, sh, grid)
+    with pytest.raises(ValueError, match="volume has shape"):
+        poses.score_poses(vol[:-1], data, None, rot, sh, grid)
+    with pytest.raises(ValueError, match="rotations must be"):
+        poses.score_local(vol, data, None, rot[None].repeat(3, 0), sh, grid)  # B = 3 rows for 2 images
+    with pytest.raises(ValueError, match="pixel_weights"):
+        poses.score_poses(vol, data, None, rot, sh, grid, pixel_weights=jnp.ones(3))
+    with pytest.raises(ValueError, match="k must be"):
+        poses.search_top_k(vol, data, None, rot, sh, grid, k=4)
