@@ -189,19 +189,18 @@ def pose_stage_bytes(batch_size: int, box: int, *, global_order: int = 2, max_sh
                      shift_step_px: float = 1.0, top_k: int = 4, chunk: int | None = None, groups: int = 2,
                      interpolation: str = "trilinear", dtype_bytes: int = 4) -> int:
     """Scratch memory of the pose stage and the expanded volume step during a global epoch (the
-    larger of the two searches), for all half-sets at once: the score buffers of
-    :func:`jaxcryo.poses.score_poses` (see its module docstring) plus the B x K expanded rows and
-    their forward/adjoint buffers."""
+    larger of the two searches, at the full frequency limit), for all half-sets at once:
+    :func:`jaxcryo.poses.memory_bytes` of the global scores plus the B x K expanded rows and their
+    forward/adjoint buffers."""
     grid = FourierGrid(box)
-    p = grid.n_pixels
-    m = len(poses.so3_grid(global_order)) if global_order <= 3 else 72 * 8 ** global_order
+    m = 72 * 8 ** int(global_order)
     s = len(poses.shift_grid(min(5.0, box / 8.0) if max_shift_px is None else max_shift_px, shift_step_px))
-    c = min(default_chunk(box, interpolation) if chunk is None else chunk, m)
+    c = default_chunk(box, interpolation) if chunk is None else chunk
+    scores = poses.memory_bytes(batch_size, m, s, grid, interpolation=interpolation, chunk=c, itemsize=dtype_bytes)
     k = 8 if interpolation == "trilinear" else 1
-    b = batch_size
-    scores = 2 * b * s * p + c * p * (4 + 3 * k) + 2 * c * p * k + b * s * c + 2 * b * s * m
-    expanded = 4 * b * top_k * (2 * p + 19) + 2 * b * top_k * p * 2 * k
-    return int(groups * dtype_bytes * (scores + expanded))
+    p = grid.n_pixels
+    expanded = dtype_bytes * (4 * batch_size * top_k * (2 * p + 19) + 2 * batch_size * top_k * p * 2 * k)
+    return int(groups * (scores + expanded))
 
 
 # ----------------------------------------------------------------------------- maps
