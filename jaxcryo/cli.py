@@ -583,9 +583,9 @@ def _refine(args) -> int:
     from jaxcryo.fsc import resolution
     from jaxcryo.geometry import matrix_to_euler
     from jaxcryo.io import InputError, read_map, write_map
-    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
-                                  load_particles, open_particles, plan_memory, save_checkpoint,
-                                  write_refined_particles)
+    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
+                                  load_checkpoint, load_particles, open_particles, plan_memory,
+                                  refine_state_template, save_checkpoint, write_refined_particles)
     from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
 
     out = _check_output_folder(args.out)
@@ -593,6 +593,8 @@ def _refine(args) -> int:
     folder = os.path.dirname(out)
     ckpt = checkpoint_path(out)
     star_out = f"{root}_particles.star"
+    check_outputs(f"{root}_half1.mrc", f"{root}_half2.mrc", f"{root}_fsc.png", os.path.join(folder, "history.json"),
+                  ckpt, star_out)
     t_start = time.perf_counter()
     if str(args.symmetry).upper() != "C1":
         from jaxcryo.loss import Problem
@@ -602,7 +604,8 @@ def _refine(args) -> int:
             Problem(grid=FourierGrid(4), symmetry=args.symmetry)
         except ValueError as err:
             raise InputError(f"--symmetry {args.symmetry}: {err}") from None
-    table, stack = open_particles(args.star, require_poses=args.local)
+    table, stack = open_particles(args.star, require_poses=args.local, datadir=args.datadir)
+    _print_notes(args, table)
     with stack:
         note = stack.pixel_size_note()
         if note:
@@ -665,8 +668,10 @@ def _refine(args) -> int:
                     "symmetry": args.symmetry, "interpolation": args.interpolation}
         resume = None
         if os.path.exists(ckpt):
-            saved_state, saved = load_checkpoint(ckpt)
+            saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
             if saved == settings:
+                template = refine_state_template(method=args.method, box=box, n_particles=n)
+                saved_state, _ = load_checkpoint(ckpt, template)
                 opt_state, pose_leaves = saved_state.opt_state
                 resume = RefineState(saved_state._replace(opt_state=opt_state), PoseState(*pose_leaves))
                 _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
@@ -679,6 +684,7 @@ def _refine(args) -> int:
         elif args.resume:
             raise InputError(f"{ckpt}: no checkpoint to resume from")
 
+        make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
         source = table if args.local else dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
         bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
@@ -727,6 +733,10 @@ def _refine(args) -> int:
                    resolution_fsc_0_5_angstrom=resolution(rec.fsc, px, 0.5))
     _write_json(os.path.join(folder, "history.json"), history)
     written.append("history.json")
+    if args.keep_checkpoint:
+        written.append(os.path.basename(ckpt))
+    else:  # the run is done; the checkpoint only matters to extend it
+        remove_file(ckpt)
     h = rec.history
     print(f"jaxcryo refine: {n} particles, {len(h['epoch'])} epochs, half-map resolution "
           f"{rec.resolution_angstrom:.2f} Å (FSC 0.143), last angular step {h['angular_step_deg'][-1]:g} deg, "
@@ -901,6 +911,10 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                      help="refuse to start when the run needs more memory than this (GiB)")
     ref.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N", help="images read at a time")
+    ref.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep MAP.ckpt.npz after a successful run (to extend it later with a larger --epochs)")
+    ref.add_argument("--datadir", default=None, metavar="DIR",
+                     help="folder holding the particle stacks of a .cs file, when its blob/path does not resolve")
     ref.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
     ref.set_defaults(func=_refine)
 

@@ -34,7 +34,7 @@ CHECKPOINT_VERSION = 2  # 2: arrays + JSON only (1 pickled the tree structure)
 
 __all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
            "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
-           "state_template",
+           "state_template", "refine_state_template",
            "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
 
 
@@ -239,6 +239,17 @@ def state_template(*, method: str, box: int, groups: int = 2, r_max: int | None 
         return params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), groups)
 
     return jax.eval_shape(build)
+
+
+def refine_state_template(*, method: str, box: int, n_particles: int, dtype=np.float32):
+    """Shapes of a refinement checkpoint's (params, (opt_state, pose state), key): the
+    reconstruction's :func:`state_template` plus each half-set's poses (rotations, shifts,
+    max_prob), ceil(n/2) rows per half (see :func:`jaxcryo.refine.refine`)."""
+    params, opt_state, key = state_template(method=method, box=box, groups=2, dtype=dtype)
+    m = -(-int(n_particles) // 2)
+    poses = (jax.ShapeDtypeStruct((2, m, 3, 3), dtype), jax.ShapeDtypeStruct((2, m, 2), dtype),
+             jax.ShapeDtypeStruct((2, m), dtype))
+    return params, (opt_state, poses), key
 
 
 def save_checkpoint(path, state: ReconState, settings: dict) -> None:

@@ -164,10 +164,9 @@ def test_cli_refine_writes_a_star_that_relion_reads(tmp_path):
     sim_dir = tmp_path / "sim"
     assert main(["simulate", "--out", str(sim_dir), "--n-images", "160", "--box", str(BOX), "--pixel-size",
                  str(PX), "--snr", "1", "--quiet"]) == 0
-    out = tmp_path / "out" / "map.mrc"
-    out.parent.mkdir()
+    out = tmp_path / "out" / "map.mrc"  # the folder is created by refine
     args = ["refine", str(sim_dir / "particles.star"), "--reference", str(sim_dir / "truth.mrc"), "--out", str(out),
-            "--epochs", "3", "--global-order", "0", "--batch-size", "40", "--quiet"]
+            "--epochs", "3", "--global-order", "0", "--batch-size", "40", "--quiet", "--keep-checkpoint"]
     assert main(args) == 0
     for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.png", "history.json", "map_particles.star",
                  "map.ckpt.npz"):
@@ -182,9 +181,11 @@ def test_cli_refine_writes_a_star_that_relion_reads(tmp_path):
     assert set(df["rlnRandomSubset"]) == {1, 2}
     assert df["rlnMaxValueProbDistribution"].between(0, 1).all()
     ours, _ = read_map(str(out))
-    # A second run with the same command resumes from the checkpoint at epoch 3: nothing to do, same map.
-    assert main(args) == 0
+    # A second run with the same command resumes from the checkpoint at epoch 3: nothing to do, same map;
+    # without --keep-checkpoint the checkpoint is removed at the end.
+    assert main(args[:-1]) == 0
     np.testing.assert_allclose(read_map(str(out))[0], ours, atol=1e-5)
+    assert not (out.parent / "map.ckpt.npz").exists()
 
     if shutil.which("relion_reconstruct") is None:
         pytest.skip("relion_reconstruct not installed")
