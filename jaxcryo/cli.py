@@ -432,6 +432,8 @@ def _reconstruct(args) -> int:
         if stream and multi:
             raise InputError(f"{args.star}: streaming is single-process; with several processes each one "
                              "holds only its share in memory (raise --max-memory-gb, or add processes)")
+        if stream and args.method == "normal":
+            raise InputError(f"{args.star}: --method normal needs every particle in memory; use --method psgd")
         if stream and args.method == "psgd-exact":
             raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 

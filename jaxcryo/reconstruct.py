@@ -478,7 +478,7 @@ def least_squares(particles: Particles, problem: Problem, *, iters: int = 100, b
 def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: float,
                        interpolation: str = "trilinear", rounds: int = 2, batch_size: int = 256,
                        lam: float = 1e-4, r_max: int | None = None, halves: bool = True, seed: int = 0,
-                       wiener: bool = True, cg_iters: int = 50, cg_tol: float = 1e-4, full_prior_scale: float = 1.0,
+                       wiener: bool = True, cg_iters: int = 50, cg_tol: float = 1e-4,
                        resume: ReconState | None = None, callback: Callable[[ReconState], Any] | None = None,
                        devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
                        ) -> Reconstruction:
@@ -488,9 +488,13 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     (:func:`jaxcryo.normal.accumulate`); then each round solves them by Jacobi-preconditioned CG
     (warm-started), takes the half-maps' FSC, and, with ``wiener``, sets the Wiener prior of
     :func:`wiener_shell_lam` for the next round, as RELION iterates FSC -> tau2 -> reconstruction.
-    It stops after ``rounds`` rounds or when the FSC moves by less than ``fsc_tol`` in every shell.
+    The prior is set once, from the unregularised half-maps (re-estimating it from the
+    Wiener-filtered half-maps raises their FSC, weakens the prior and lowered the FSC to the
+    truth, measured), so with ``wiener`` there are two rounds (``rounds`` caps them), else one.
     The returned map is the solve of BOTH half-sets' equations together (they add), with the
-    prior for the full set's SNR (2 SNR_half): better than the mean of the half-maps.
+    half-sets' prior: better than the mean of the half-maps (measured; also better than half
+    that prior, the full set's nominal SNR of 2 SNR_half). It is solved alongside the halves
+    (one compiled solve for all three systems).
     History: one entry per round (``epoch`` = round, the objective, seconds since the start
     of the accumulation), plus ``compile_seconds`` (accumulation and solve, measured apart).
     Nearest and trilinear slicing (nufft: use an iterative method).
@@ -513,95 +517,112 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     g = groups.shape[0]
     batch_size = int(min(batch_size, groups.shape[1]))
     data = problem.data_only()
+    def with_union(neq):
+        """Append the union of the half-sets (the map's system) and return the diagonals."""
+        if g == 2:
+            neq = jax.tree.map(lambda x: jnp.concatenate([x, x.sum(0, keepdims=True)]), neq)
+        return neq, jax.vmap(normal.diagonal)(neq)
+
     # One half-set after the other (lax.map): vmapped over the half-sets, XLA's scatter into
-    # the tables ran 20x slower on CPU (measured).
+    # the tables ran 20x slower on CPU (measured). Every step is one jitted function: eager
+    # JAX ops compile one by one (they were half of a 20,000-particle run's time).
     if mesh is None:
-        stacked = _stack_groups(particles, groups)
-        accumulate = jax.jit(lambda st: jax.lax.map(lambda p: normal.accumulate(p, data, batch_size), st))
+        stacked = _stack_groups_numpy(particles, groups)
+
+        def accumulate(st):
+            return with_union(jax.lax.map(lambda p: normal.accumulate(p, data, batch_size), st))
     else:
         stacked = dist.shard_groups(particles, groups, mesh, share)
-        accumulate = jax.jit(dist.shard(
-            lambda st: jax.lax.map(lambda p: normal.accumulate(p, data, batch_size, axis_name=dist.AXIS), st),
-            mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P()))
+
+        def accumulate(st):
+            return with_union(jax.lax.map(lambda p: normal.accumulate(p, data, batch_size, axis_name=dist.AXIS),
+                                          st))
+        accumulate = dist.shard(accumulate, mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P())
     shape = grid.volume_shape + (1,)
 
     def reg_of(prob):
-        return jnp.broadcast_to(prob.regularizer(dtype), shape)
+        return np.broadcast_to(np.asarray(prob.regularizer(dtype)), shape)
 
     def one_round(neq, reg, x0):
         x, k, rel = normal.cg(neq, reg, x0, iters=cg_iters, tol=cg_tol)
         value, _ = normal.value_and_grad(neq, x, reg)
-        return x, k, rel, value
+        return x, k, rel, value, ft_to_volume(x, interpolation)
 
-    solve_groups = jax.jit(jax.vmap(one_round, in_axes=(0, None, 0)))
-    solve_one = jax.jit(one_round)
 
     t0 = time.perf_counter()
-    acc_compiled = accumulate.lower(stacked).compile()
+    acc_compiled = jax.jit(accumulate).lower(stacked).compile()
     compile_seconds = time.perf_counter() - t0
     t_start = time.perf_counter()
-    neq = acc_compiled(stacked)
+    neq, data_diag = acc_compiled(stacked)
     if mesh is not None:
-        neq = dist.to_local(neq)
-    data_diag = jax.vmap(normal.diagonal)(neq)
-    jax.block_until_ready(data_diag)
+        neq, data_diag = dist.to_local((neq, data_diag))
+    data_diag = np.asarray(data_diag)
 
     if resume is None:
-        params = jnp.stack([problem.zeros(dtype)] * g)
+        params = jnp.zeros((neq.rhs.shape[0],) + grid.volume_shape + (2,), dtype)
         history = {"epoch": [], "loss": [], "seconds": []}
         start = 0
     else:
         params = jnp.asarray(dist.to_local(resume.params), dtype)
+        if g == 2:
+            params = jnp.concatenate([params, params.mean(0, keepdims=True)])
         history = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in resume.history.items()}
         start = resume.epoch
     if history.get("shell_lam") is not None:
         problem = dataclasses.replace(problem, shell_lam=tuple(history["shell_lam"]))
     t1 = time.perf_counter()
-    solve_groups = solve_groups.lower(neq, reg_of(problem), params).compile()
+    solve_groups = jax.jit(jax.vmap(one_round, in_axes=(0, None, 0))).lower(neq, reg_of(problem), params).compile()
     compile_seconds += time.perf_counter() - t1
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     elapsed += t1 - t_start  # the accumulation
     history["compile_seconds"] = compile_seconds
     history.setdefault("cg_iters", [])
     keys = jax.random.split(key, g)
-    state = ReconState(start, params, None, keys, history)
+    state = ReconState(start, params[:g], None, keys, history)
+    maps = None
     for rnd in range(start + 1, rounds + 1):
         t0 = time.perf_counter()
-        params, iters, _, values = solve_groups(neq, reg_of(problem), params)
+        params, iters, _, values, maps = solve_groups(neq, reg_of(problem), params)
+        maps = np.asarray(maps)
         prior_set = False
         if g == 2 and wiener and problem.shell_lam is None:
-            maps = jax.vmap(lambda v: ft_to_volume(v, interpolation))(params)
-            curve = np.asarray(fsc(np.asarray(maps[0]), np.asarray(maps[1])))
             prior_set = True
-            shell_lam = wiener_shell_lam(curve, np.asarray(data_diag), box, r_max=grid.radius)
+            shell_lam = wiener_shell_lam(fsc(maps[0], maps[1]), data_diag[:2], box, r_max=grid.radius)
             problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
             history["shell_lam"] = list(problem.shell_lam)
         elapsed += time.perf_counter() - t0
         history["epoch"].append(rnd)
-        history["loss"].append(float(jnp.mean(values)))
+        history["loss"].append(float(np.mean(np.asarray(values)[:g])))
         history["seconds"].append(elapsed)
-        history["cg_iters"].append([int(k) for k in np.asarray(iters)])
-        state = ReconState(rnd, params, None, keys, history)
+        history["cg_iters"].append([int(k) for k in np.asarray(iters)[:g]])
+        state = ReconState(rnd, params[:g], None, keys, history)
         if callback is not None:
             callback(state)
         if not prior_set:
             break  # solved with the final objective: another round would change nothing
 
-    # The map: both half-sets' equations together, the prior for the full set's SNR (2 x half).
     t0 = time.perf_counter()
-    if g == 2:
-        both = normal.combine(*(jax.tree.map(lambda x, i=i: x[i], neq) for i in range(2)))
-        full = problem
-        if wiener and history.get("shell_lam") is not None:
-            full = dataclasses.replace(problem, shell_lam=tuple(full_prior_scale * np.asarray(problem.shell_lam)))
-        x_full, _, _, _ = solve_one(both, reg_of(full), params.mean(0))
-        volume = np.asarray(ft_to_volume(x_full, interpolation))
-        maps = np.asarray(jax.vmap(lambda v: ft_to_volume(v, interpolation))(params))
+    if maps is None:  # resumed after the last round
+        maps = np.asarray(jax.jit(jax.vmap(lambda v: ft_to_volume(v, interpolation)))(params))
+    if g == 2:  # maps[2]: both half-sets' equations together, with the half-sets' prior
+        volume, maps = maps[2], maps[:2]
         curve = fsc(maps[0], maps[1])
         res = resolution(curve, pixel_size_angstrom)
     else:
-        maps, curve, res = None, None, None
-        volume = np.asarray(ft_to_volume(params[0], interpolation))
-    history["seconds"][-1] = history["seconds"][-1] + time.perf_counter() - t0
-    state = ReconState(state.epoch, params, None, keys, history)
-    return Reconstruction(volume, maps, params, curve, res, history, state)
+        volume, maps, curve, res = maps[0], None, None, None
+    if history["seconds"]:
+        history["seconds"][-1] = history["seconds"][-1] + time.perf_counter() - t0
+    state = ReconState(state.epoch, params[:g], None, keys, history)
+    return Reconstruction(volume, maps, params[:g], curve, res, history, state)
+
+
+def _stack_groups_numpy(particles: Particles, groups):
+    """:func:`_stack_groups` in numpy (host arrays in, host arrays out: no eager device op
+    to compile per leaf)."""
+    safe = np.maximum(groups, 0)
+
+    def take(x):
+        return np.asarray(x)[safe]
+
+    out = jax.tree.map(take, particles)
+    return out._replace(weight=np.where(groups >= 0, out.weight, 0).astype(np.asarray(particles.weight).dtype))
