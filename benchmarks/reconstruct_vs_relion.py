@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,9 +41,13 @@ def _cpu_model() -> str:
 
 
 def _run(cmd, cwd=None, env=None) -> tuple[float, str]:
+    """Run a command; (wall seconds, output). The child's CPU seconds go to ``_run.cpu``."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _run.cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return wall, out.stdout + out.stderr
@@ -100,9 +105,10 @@ def main(argv=None) -> int:
                 out = os.path.join(args.work, "relion.mrc")
                 wall, log = _run([relion, "--i", star, "--o", out, "--ctf"], cwd=args.work)
                 extra = {}
-            runs.append({"repeat": rep, "program": name, "wall_seconds": wall, "load_average_before": list(load),
+            runs.append({"repeat": rep, "program": name, "wall_seconds": wall, "cpu_seconds": _run.cpu,
+                         "load_average_before": list(load),
                          "fsc_to_truth": _fsc_to_truth(out, truth), **extra})
-            print(f"{name:28s} {wall:7.1f} s  FSC to truth {runs[-1]['fsc_to_truth']['mean']:.4f}  "
+            print(f"{name:28s} {wall:7.1f} s (CPU {_run.cpu:6.1f} s)  FSC to truth {runs[-1]['fsc_to_truth']['mean']:.4f}  "
                   f"(load {load[0]:.1f})", flush=True)
 
     summary = {}
@@ -110,11 +116,13 @@ def main(argv=None) -> int:
         mine = [r for r in runs if r["program"] == name]
         summary[name] = {"wall_seconds_median": float(np.median([r["wall_seconds"] for r in mine])),
                          "wall_seconds_min": float(np.min([r["wall_seconds"] for r in mine])),
+                         "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in mine])),
                          "fsc_to_truth_mean": float(np.mean([r["fsc_to_truth"]["mean"] for r in mine]))}
     ref = summary.get("relion_reconstruct --ctf")
     if ref:
         for name, s in summary.items():
             s["wall_ratio_to_relion_median"] = s["wall_seconds_median"] / ref["wall_seconds_median"]
+            s["cpu_ratio_to_relion_median"] = s["cpu_seconds_median"] / ref["cpu_seconds_median"]
             # per repeat: each run against the RELION run right after it (same load)
             pairs = [(a["wall_seconds"], b["wall_seconds"]) for a in runs for b in runs
                      if a["program"] == name and b["program"] == "relion_reconstruct --ctf"

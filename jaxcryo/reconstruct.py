@@ -91,7 +91,7 @@ def _split_halves(key, n: int, halves: bool):
     """Index arrays (G, m) of each half-set, padded with -1."""
     if not halves:
         return np.arange(n)[None]
-    perm = np.asarray(jax.random.permutation(key, n))
+    perm = np.asarray(jax.jit(lambda k: jax.random.permutation(k, n))(key))  # eager: ~10 compiles
     m = -(-n // 2)
     out = -np.ones((2, m), np.int64)
     out[0, :m] = perm[:m]
