@@ -347,6 +347,18 @@ def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
             "wiener_after": args.wiener_after, "mode": mode}
 
 
+def _compilation_cache() -> None:
+    """Keep compiled XLA programs between runs (JAX's persistent cache: a second run of the same
+    box skips most compilation) in $JAXCRYO_CACHE_DIR, default ~/.cache/jaxcryo/xla; set
+    JAXCRYO_CACHE_DIR to an empty string to turn it off. A cache set by the caller is kept."""
+    import jax
+
+    path = os.environ.get("JAXCRYO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxcryo", "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def _reconstruct(args) -> int:
     from tqdm.auto import tqdm
 
@@ -369,6 +381,7 @@ def _reconstruct(args) -> int:
     lead = not multi or jax.process_index() == 0
     if not lead:
         args.quiet = True
+    _compilation_cache()
     out = _check_output_folder(args.out)
     root = _map_root(out)
     folder = os.path.dirname(out)
