@@ -404,6 +404,8 @@ def _reconstruct(args) -> int:
         stream_bytes = plan_streaming_bytes(box, groups=groups, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
 
+        if args.method is None:  # the normal equations hold every particle in one process's memory
+            args.method = "psgd" if (args.stream or multi or plan.in_memory_bytes > limit) else "normal"
         settings = _settings_fingerprint(args, table, box, px, "memory")
         saved = state = None
         if os.path.exists(ckpt):
@@ -597,10 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "epoch: rerunning the same command (or --resume) continues a killed run.")
     rec.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file with poses")
     rec.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
-    rec.add_argument("--method", choices=METHODS, default="psgd",
-                     help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "
-                          "sgd, adam; all but adam use an Armijo line search (c 0.9, initial step 10) and end each "
-                          "epoch at the mean of its iterates")
+    rec.add_argument("--method", choices=METHODS, default=None,
+                     help="normal (default in memory: accumulate the normal equations in one pass, solve by "
+                          "conjugate gradients; --epochs is ignored), or an optimizer: psgd (Hutchinson-"
+                          "preconditioned SGD; the default when streaming or with several processes), psgd-exact "
+                          "(exact diagonal), sgd, adam; all but adam use an Armijo line search (c 0.9, initial step "
+                          "10) and end each epoch at the mean of its iterates")
     rec.add_argument("--epochs", type=pos_int, default=6, metavar="E",
                      help="passes over the data (see README for the measurement behind the default)")
     rec.add_argument("--wiener-after", type=int, default=2, metavar="E",

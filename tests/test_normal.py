@@ -88,3 +88,51 @@ def test_normal_route_map_as_good_as_psgd():
     assert ours >= theirs - 0.005, (ours, theirs)
     # the half-maps are the minimisers of their own objective: CG converged
     assert max(max(k) for k in rec.history["cg_iters"]) < 50
+
+
+def test_two_devices_give_the_one_device_maps(tmp_path):
+    """Accumulation sharded over 2 (host) devices, psum-ed: the same equations, the same maps.
+    A subprocess: the device count is read once, at start-up."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two.py"
+    script.write_text(
+        "import numpy as np, jaxcryo as jc\n"
+        "from jaxcryo.forward.slicing import FourierGrid\n"
+        "box, px = 12, 3.0\n"
+        "truth = jc.synthetic_molecule(box, pixel_size_angstrom=px, seed=3)\n"
+        "sim = jc.simulate_particles(truth, 73, pixel_size_angstrom=px, snr=1.0, seed=4)\n"
+        "P = jc.prepare_particles(sim.images, sim.rotations, sim.shifts_angstrom / px, sim.ctf, FourierGrid(box))\n"
+        "kw = dict(box=box, pixel_size_angstrom=px, method='normal', wiener_after=1, batch_size=16)\n"
+        "a, b = jc.reconstruct(P, devices=1, **kw), jc.reconstruct(P, devices=2, **kw)\n"
+        "print(np.abs(a.volume - b.volume).max() / np.abs(a.volume).max(),\n"
+        "      np.abs(a.half_maps - b.half_maps).max() / np.abs(a.half_maps).max())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    volume_err, halves_err = map(float, proc.stdout.split()[-2:])
+    assert volume_err < 1e-5 and halves_err < 1e-5
+
+
+def test_cli_default_is_the_normal_route(tmp_path, monkeypatch):
+    import json
+
+    from jaxcryo import cli
+
+    monkeypatch.setenv("JAXCRYO_CACHE_DIR", "")  # no persistent compilation cache from a test
+
+    sim, out = tmp_path / "sim", tmp_path / "rec"
+    out.mkdir()
+    assert cli.main(["simulate", "--out", str(sim), "--n-images", "300", "--box", "16", "--pixel-size", "4",
+                     "--snr", "1", "--quiet"]) == 0
+    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history["settings"]["method"] == "normal" and history["epoch"] == [1, 2]
+    assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "history.json"} <= {p.name for p in out.iterdir()}
+    from jaxcryo.io import read_map
+    volume, truth = read_map(out / "map.mrc")[0], read_map(sim / "truth.mrc")[0]
+    assert jc.fsc(volume, truth)[1:7].mean() > 0.8
