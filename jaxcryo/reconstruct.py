@@ -279,7 +279,10 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     Args:
       particles: :class:`~jaxcryo.forward.model.Particles` (from ``prepare_particles``).
       box, pixel_size_angstrom: the map's edge (pixels) and voxel size.
-      method: 'psgd' (default; Hutchinson-preconditioned SGD, Algorithm 1), 'psgd-exact',
+      method: 'psgd' (default; Hutchinson-preconditioned SGD, Algorithm 1), 'normal' (the
+        normal equations accumulated in one pass and solved by CG: :func:`reconstruct_normal`,
+        which uses ``epochs`` as its round cap, ``wiener_after > 0`` as its switch for the Wiener
+        prior, and ignores the optimizer settings), 'psgd-exact',
         'sgd', 'adam', or any optax transform (it receives ``value``, ``grad``, ``value_fn``
         and, when ``n_probes`` > 0, ``diag_sample`` = z * Hz as extra args).
       interpolation: 'trilinear' (default), 'nearest' or 'nufft' (CPU only).
