@@ -583,7 +583,8 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     keys = jax.random.split(key, g)
     state = ReconState(start, params[:g], None, keys, history)
     maps = None
-    for rnd in range(start + 1, rounds + 1):
+    needed = 2 if (wiener and g == 2) else 1  # a resumed run that has done them has nothing left
+    for rnd in range(start + 1, min(rounds, needed) + 1):
         t0 = time.perf_counter()
         params, iters, _, values, maps = solve_groups(neq, reg_of(problem), params)
         maps = np.asarray(maps)
@@ -605,8 +606,9 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
             break  # solved with the final objective: another round would change nothing
 
     t0 = time.perf_counter()
-    if maps is None:  # resumed after the last round
-        maps = np.asarray(jax.jit(jax.vmap(lambda v: ft_to_volume(v, interpolation)))(params))
+    if maps is None:  # resumed after the last round: the halves are solved (CG stops at once), the map's system not
+        params, _, _, _, maps = solve_groups(neq, reg_of(problem), params)
+        maps = np.asarray(maps)
     if g == 2:  # maps[2]: both half-sets' equations together, with the half-sets' prior
         volume, maps = maps[2], maps[:2]
         curve = fsc(maps[0], maps[1])

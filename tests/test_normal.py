@@ -136,3 +136,9 @@ def test_cli_default_is_the_normal_route(tmp_path, monkeypatch):
     from jaxcryo.io import read_map
     volume, truth = read_map(out / "map.mrc")[0], read_map(sim / "truth.mrc")[0]
     assert jc.fsc(volume, truth)[1:7].mean() > 0.8
+    half = read_map(out / "map_half1.mrc")[0]
+    # Rerun: the checkpoint after round 2 is picked up; nothing left but the map's solve.
+    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet"]) == 0
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
+    np.testing.assert_array_equal(read_map(out / "map_half1.mrc")[0], half)
+    np.testing.assert_allclose(read_map(out / "map.mrc")[0], volume, atol=1e-3 * np.abs(volume).max())
