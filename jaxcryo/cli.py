@@ -388,6 +388,18 @@ def _settings_fingerprint(args, table, box: int, px: float, mode: str) -> dict:
             "mode": mode}
 
 
+def _compilation_cache() -> None:
+    """Keep compiled XLA programs between runs (JAX's persistent cache: a second run of the same
+    box skips most compilation) in $JAXCRYO_CACHE_DIR, default ~/.cache/jaxcryo/xla; set
+    JAXCRYO_CACHE_DIR to an empty string to turn it off. A cache set by the caller is kept."""
+    import jax
+
+    path = os.environ.get("JAXCRYO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jaxcryo", "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def _reconstruct(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
@@ -411,6 +423,7 @@ def _reconstruct(args) -> int:
     lead = not multi or jax.process_index() == 0
     if not lead:
         args.quiet = True
+    _compilation_cache()
     out = _check_output_folder(args.out)
     root = _map_root(out)
     folder = os.path.dirname(out)
@@ -437,6 +450,8 @@ def _reconstruct(args) -> int:
         stream_bytes = plan_streaming_bytes(box, groups=groups, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
 
+        if args.method is None:  # the normal equations hold every particle in one process's memory
+            args.method = "psgd" if (args.stream or multi or plan.in_memory_bytes > limit) else "normal"
         settings = _settings_fingerprint(args, table, box, px, "memory")
         saved = None
         if os.path.exists(ckpt):
@@ -480,6 +495,8 @@ def _reconstruct(args) -> int:
         if stream and multi:
             raise InputError(f"{args.star}: streaming is single-process; with several processes each one "
                              "holds only its share in memory (raise --max-memory-gb, or add processes)")
+        if stream and args.method == "normal":
+            raise InputError(f"{args.star}: --method normal needs every particle in memory; use --method psgd")
         if stream and args.method == "psgd-exact":
             raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 
@@ -821,10 +838,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--datadir", default=None, metavar="DIR",
                      help="folder holding the particle stacks of a .cs file, when its blob/path does not resolve")
     rec.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
-    rec.add_argument("--method", choices=METHODS, default="psgd",
-                     help="optimizer: psgd (Hutchinson-preconditioned SGD), psgd-exact (exact diagonal), "
-                          "sgd, adam; all but adam use an Armijo line search (c 0.9, initial step 10) and end each "
-                          "epoch at the mean of its iterates")
+    rec.add_argument("--method", choices=METHODS, default=None,
+                     help="normal (default in memory: accumulate the normal equations in one pass, solve by "
+                          "conjugate gradients; --epochs is ignored), or an optimizer: psgd (Hutchinson-"
+                          "preconditioned SGD; the default when streaming or with several processes), psgd-exact "
+                          "(exact diagonal), sgd, adam; all but adam use an Armijo line search (c 0.9, initial step "
+                          "10) and end each epoch at the mean of its iterates")
     rec.add_argument("--epochs", type=pos_int, default=6, metavar="E",
                      help="passes over the data (see README for the measurement behind the default)")
     rec.add_argument("--wiener-after", type=int, default=2, metavar="E",

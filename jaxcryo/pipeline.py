@@ -90,7 +90,7 @@ def table_poses(table: ParticleTable, rows=None, *, with_ctf: bool = True, dtype
     ``with_ctf`` is False or the STAR has no CTF columns.
     """
     rows = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
-    rotations = np.asarray(euler_to_matrix(np.asarray(table.euler_deg[rows], np.float64)), dtype)
+    rotations = np.asarray(_euler_to_matrix(np.asarray(table.euler_deg[rows], np.float64)), dtype)
     px = table.pixel_size_angstrom[rows]
     shifts_px = (table.shifts_angstrom[rows] / px[:, None]).astype(dtype)
     ctf = None
@@ -103,6 +103,9 @@ def table_poses(table: ParticleTable, rows=None, *, with_ctf: bool = True, dtype
             pixel_size_angstrom=px)
         ctf = CTFParams(*(np.asarray(f, dtype) for f in ctf))
     return rotations, shifts_px, ctf
+
+
+_euler_to_matrix = jax.jit(euler_to_matrix)  # one compile per chunk shape, not one per eager op
 
 
 def iter_particle_chunks(table: ParticleTable, stack: ParticleStack, grid: FourierGrid, *,

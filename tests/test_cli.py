@@ -17,7 +17,7 @@ from jaxcryo.fsc import fsc
 from jaxcryo.io import make_table, write_particles, write_stack
 
 BOX, N, PX = 16, 160, 3.0
-FAST = ["--epochs", "3", "--batch-size", "64", "--quiet", "--wiener-after", "0"]
+FAST = ["--method", "psgd", "--epochs", "3", "--batch-size", "64", "--quiet", "--wiener-after", "0"]
 
 
 def run(argv, capsys):
@@ -359,7 +359,7 @@ def test_help_lists_defaults_and_units(capsys):
     for option in ("--method", "--epochs", "--batch-size", "--interpolation", "--lam", "--seed", "--no-halves",
                    "--resume", "--quiet", "--max-memory-gb"):
         assert option in text
-    assert "(default: psgd)" in text and "(default: trilinear)" in text
+    assert "normal (default in memory" in text and "(default: trilinear)" in text
 
 
 def test_streaming_reconstructs_and_resumes(sim, uninterrupted, tmp_path, capsys):
@@ -399,7 +399,7 @@ def test_two_processes_write_the_map_of_one(sim, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     star = str(sim / "particles.star")
-    opts = ["--epochs", "2", "--batch-size", "64", "--quiet", "--wiener-after", "1"]
+    opts = ["--method", "psgd", "--epochs", "2", "--batch-size", "64", "--quiet", "--wiener-after", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     exe = [sys.executable, "-m", "jaxcryo.cli", "reconstruct", star]
