@@ -13,6 +13,7 @@ def _demo(args) -> int:
     import numpy as np
 
     import jaxcryo as jc
+    from jaxcryo.conditioning import exact_hessian_diagonal, kappa_by_radius
     from jaxcryo.forward.slicing import FourierGrid
     from jaxcryo.io import write_map
 
@@ -26,6 +27,12 @@ def _demo(args) -> int:
     grid = FourierGrid(box)
     particles = jc.prepare_particles(sim.images, sim.rotations, sim.shifts_angstrom / px, sim.ctf, grid)
     print(f"  simulated in {time.perf_counter() - t0:.1f} s")
+    lam = 1e-4
+    diag = exact_hessian_diagonal(particles, jc.Problem(grid=grid, interpolation="trilinear", lam=lam))
+    kappa = kappa_by_radius(diag, box, lam=lam)
+    print(f"  condition number of the Hessian's diagonal over the Fourier ball: {kappa[len(kappa) // 2]:.0f} "
+          f"(radius {len(kappa) // 2}), {kappa[-1]:.0f} (radius {len(kappa) - 1}); preconditioning pays "
+          "where this is large")
     truth_ft = np.asarray(jc.volume_to_ft(jnp.asarray(truth), "trilinear"))  # the parameters fitted by trilinear slicing
     shell = slice(box // 4 - 2, box // 4 + 1)  # around half Nyquist
 
@@ -37,7 +44,7 @@ def _demo(args) -> int:
             fsc_by_epoch.append(float(jc.fsc_ft(np.asarray(state.params).mean(0), truth_ft)[shell].mean()))
 
         rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=method, epochs=args.epochs,
-                             batch_size=args.batch_size, seed=args.seed, wiener_after=args.wiener_after,
+                             batch_size=args.batch_size, seed=args.seed, lam=lam, wiener_after=args.wiener_after,
                              callback=track)
         results[method] = (rec, fsc_by_epoch)
         write_map(os.path.join(args.out, f"map_{method}.mrc"), rec.volume, voxel_size_angstrom=px)
@@ -52,12 +59,21 @@ def _demo(args) -> int:
         print(f"  {method}: {rec.history['seconds'][-1]:.1f} s for {args.epochs} epochs "
               f"(+{rec.history['compile_seconds']:.1f} s compile), half-map resolution "
               f"{rec.resolution_angstrom:.2f} A (FSC 0.143)")
+    target = results["sgd"][0].history["loss"][-1]
+    reached = [e for e, v in zip(results["psgd"][0].history["epoch"], results["psgd"][0].history["loss"]) if v <= target]
+    if reached:
+        print(f"  psgd reached sgd's epoch-{args.epochs} loss at epoch {reached[0]}")
     _plot_demo(results, os.path.join(args.out, "convergence.png"))
     summary = {m: {"loss": r.history["loss"], "seconds": r.history["seconds"], "fsc_half_nyquist": f,
                    "resolution_angstrom": r.resolution_angstrom} for m, (r, f) in results.items()}
+    setting = {"box": box, "pixel_size_angstrom": px, "n_images": args.n_images, "snr": args.snr,
+                          "epochs": args.epochs, "batch_size": args.batch_size, "lam": lam,
+                          "wiener_after": args.wiener_after, "kappa_diag_by_radius": [float(k) for k in kappa]}
     with open(os.path.join(args.out, "demo.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
-    print(f"  wrote {args.out}/map_sgd.mrc, map_psgd.mrc, truth.mrc, convergence.png, demo.json")
+    with open(os.path.join(args.out, "demo_setting.json"), "w") as fh:
+        json.dump(setting, fh, indent=1)
+    print(f"  wrote {args.out}/map_sgd.mrc, map_psgd.mrc, truth.mrc, convergence.png, demo.json, demo_setting.json")
     return 0
 
 
