@@ -333,3 +333,23 @@ def test_driver_seeds_psgd_with_the_exact_diagonal(small_set):
     seeded = _losses(small_set, "psgd", epochs=1)["loss"][0]
     sgd = _losses(small_set, "sgd", epochs=1)["loss"][0]
     assert seeded < sgd, (seeded, sgd)
+
+
+def test_momentum_composes_before_the_line_search_not_after():
+    """Where optax momentum goes in a chain with the Armijo search (README, composition with optax).
+
+    Before the search (scale_by_hutchinson -> trace -> scale(-1) -> armijo) the search tests the
+    step that is taken: it converges like psgd. After it (... -> armijo -> trace) the accepted
+    step is then inflated by up to 1/(1 - decay) and overshoots: no better than plain sgd."""
+    start = float(_quadratic(_zeros()))
+
+    def final(*steps, n=10):
+        return float(_quadratic(_run(optax.chain(*steps), _quadratic, _zeros(), n, _all_inputs))) / start
+
+    pre = lambda: scale_by_hutchinson(alpha=1e-8)  # noqa: E731
+    search = lambda: armijo(c=0.5)  # noqa: E731
+    assert final(pre(), optax.scale(-1.0), search()) < 1e-8
+    assert final(pre(), optax.trace(0.5), optax.scale(-1.0), search()) < 1e-8
+    assert final(pre(), optax.trace(0.9), optax.scale(-1.0), search()) < 1e-5
+    assert final(pre(), optax.scale(-1.0), search(), optax.trace(0.9)) > 1e-2
+    assert final(optax.scale(-1.0), search()) > 1e-3  # plain sgd, for scale
