@@ -334,7 +334,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
 
     # Warm-up steps (curvature samples only) take at most a quarter of the first epoch; none
     # when the estimate starts from the exact diagonal (one cheap pass for nearest/trilinear).
-    seed_exact = init_samples > 0 and interpolation != "nufft" and resume is None
+    seed_exact = init_samples > 0 and interpolation != "nufft"
     warmup = 0 if seed_exact else int(min(warmup, (-(-groups.shape[1] // batch_size)) // 4))
     if isinstance(method, str):
         tx = make_optimizer(method, box=box, r_max=grid.radius, beta=beta, alpha=alpha, n_probes=n_probes,
@@ -408,7 +408,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
             shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
             problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
             history["shell_lam"] = list(problem.shell_lam)
-            if seed_exact:  # restart the estimate from the new objective's diagonal
+            if seed_exact and not exact and has_hutchinson(opt_state):  # restart from the new diagonal
                 opt_state = seed_hutchinson(opt_state, data_diag + 2.0 * problem.regularizer(dtype), init_samples)
             state = ReconState(epoch, params, opt_state, keys, history)
             compiled, full_loss, diag, extra = build(problem, data_diag)
