@@ -27,7 +27,7 @@ def _demo(args) -> int:
     grid = FourierGrid(box)
     particles = jc.prepare_particles(sim.images, sim.rotations, sim.shifts_angstrom / px, sim.ctf, grid)
     print(f"  simulated in {time.perf_counter() - t0:.1f} s")
-    lam = 1e-4
+    lam = args.lam
     diag = exact_hessian_diagonal(particles, jc.Problem(grid=grid, interpolation="trilinear", lam=lam))
     kappa = kappa_by_radius(diag, box, lam=lam)
     print(f"  condition number of the Hessian's diagonal over the Fourier ball: {kappa[len(kappa) // 2]:.0f} "
@@ -550,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--snr", type=float, default=0.2, help="signal-to-noise ratio (variance)")
     demo.add_argument("--epochs", type=int, default=6, help="passes over the data")
     demo.add_argument("--batch-size", type=int, default=128, help="images per step")
+    demo.add_argument("--lam", type=float, default=1e-4, help="Tikhonov weight")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--wiener-after", type=int, default=2, metavar="E",
                       help="epochs before the half-map FSC sets a Wiener prior per shell (0: never)")

@@ -410,6 +410,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
             history["shell_lam"] = list(problem.shell_lam)
             if seed_exact and not exact and has_hutchinson(opt_state):  # restart from the new diagonal
                 opt_state = seed_hutchinson(opt_state, data_diag + 2.0 * problem.regularizer(dtype), init_samples)
+                if mesh is not None:
+                    opt_state = dist.replicate(opt_state, mesh)
             state = ReconState(epoch, params, opt_state, keys, history)
             compiled, full_loss, diag, extra = build(problem, data_diag)
             history["compile_seconds"] += extra
