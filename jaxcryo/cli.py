@@ -549,18 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulate a synthetic molecule, reconstruct with sgd and psgd, compare",
                           formatter_class=_Formatter)
     demo.add_argument("--out", default="demo_out", help="output folder")
-    demo.add_argument("--box", type=int, default=48, help="box size (pixels)")
-    demo.add_argument("--pixel-size", type=float, default=2.5, help="pixel size (Angstrom)")
-    demo.add_argument("--n-images", type=int, default=4000, help="number of particles")
+    demo.add_argument("--box", type=int, default=64, help="box size (pixels)")
+    demo.add_argument("--pixel-size", type=float, default=1.5, help="pixel size (Angstrom)")
+    demo.add_argument("--n-images", type=int, default=5000, help="number of particles")
     demo.add_argument("--snr", type=float, default=0.2, help="signal-to-noise ratio (variance)")
-    demo.add_argument("--epochs", type=int, default=6, help="passes over the data")
+    demo.add_argument("--epochs", type=int, default=10, help="passes over the data")
     demo.add_argument("--batch-size", type=int, default=128, help="images per step")
     demo.add_argument("--lam", type=float, default=1e-4, help="Tikhonov weight")
     demo.add_argument("--simulate-with", choices=("trilinear", "nufft"), default="trilinear",
                       help="slicing used to simulate the images (the reconstruction uses trilinear)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.add_argument("--wiener-after", type=int, default=2, metavar="E",
-                      help="epochs before the half-map FSC sets a Wiener prior per shell (0: never)")
+    demo.add_argument("--wiener-after", type=int, default=0, metavar="E",
+                      help="epochs before the half-map FSC sets a Wiener prior per shell (0: never; each method "
+                           "then sets its own prior, so their losses stop being one objective)")
     demo.set_defaults(func=_demo)
 
     sim = sub.add_parser(
