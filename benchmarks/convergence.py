@@ -8,6 +8,8 @@ every method is then measured against it:
   sgd          plain gradient + Armijo line search (initial step 10, c 0.9, the driver's default)
   psgd         Algorithm 1: Hutchinson running mean, beta 0.9, alpha = 1/(max shell count), + Armijo
   psgd-exact   the exact full-data diagonal as preconditioner, + Armijo
+  psgd-warmup  psgd as it was before the exact first estimate: 8 warm-up steps with no update,
+               the estimate built from Hutchinson samples alone (init_samples=0)
   oasis        scale_by_hutchinson(average='ema'): single-sample exponential average, + Armijo
   adam         optax.adam (learning rate --adam-lr)
   psgd+momentum  scale_by_hutchinson -> optax.trace(0.9) -> fixed step (--momentum-lr); stock
@@ -25,6 +27,9 @@ Hutchinson estimate as probes accumulate.
     python benchmarks/convergence.py --size small    # box 32, 4000 images: minutes on 2 CPU cores
     python benchmarks/convergence.py --size medium   # box 64, 10000 images (CPU, tens of minutes)
     python benchmarks/convergence.py --size full     # box 64 and 128, 50000 images (GPU)
+    python benchmarks/convergence.py --size box64    # box 64, 5000 images (issue 11's setting), CPU minutes
+    python benchmarks/convergence.py --size paper    # box 128, 2000 images, sgd/psgd/psgd-exact (the
+                                                     # paper's regime at a reduced particle count)
 
 Writes benchmarks/results/convergence_<size>.{json,md,png}.
 """
@@ -59,8 +64,10 @@ SIZES = {
     "medium": [dict(box=64, n_images=10000, epochs=10, batch_size=128)],
     "full": [dict(box=64, n_images=50000, epochs=10, batch_size=256),
              dict(box=128, n_images=50000, epochs=10, batch_size=256)],
+    "box64": [dict(box=64, n_images=5000, epochs=10, batch_size=128)],
+    "paper": [dict(box=128, n_images=2000, epochs=6, batch_size=128)],
 }
-METHODS = ("sgd", "psgd", "psgd-exact", "oasis", "adam", "psgd+momentum", "psgd+momentum+decay")
+METHODS = ("sgd", "psgd", "psgd-exact", "psgd-warmup", "oasis", "adam", "psgd+momentum", "psgd+momentum+decay")
 FSC_LEVELS = (0.8, 0.9, 0.95)
 
 
@@ -126,6 +133,8 @@ def transform(method: str, *, box: int, settings: dict):
                                            decay_rate=settings["decay_rate"])
         return optax.chain(scale_by_hutchinson(beta=settings.get("beta", 0.9), alpha=alpha),
                            optax.trace(decay=0.9), optax.scale_by_learning_rate(schedule))
+    if method == "psgd-warmup":
+        return "psgd"
     return method
 
 
@@ -151,6 +160,8 @@ def run_method(method: str, particles, problem: Problem, *, box: int, pixel: flo
                   callback=callback, noise_model="white")  # white: least_squares' objective
     if method == "adam":
         kwargs["learning_rate"] = settings["adam_lr"]
+    if method == "psgd-warmup":
+        kwargs.update(init_samples=0, warmup=8)
     rec = reconstruct(particles, **kwargs)
     hist = rec.history
     shells = high_shells(box)

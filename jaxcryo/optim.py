@@ -42,6 +42,7 @@ class ScaleByHutchinsonState(NamedTuple):
 
 def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int = 1,
                         update_every: int = 1, average: str = "mean", warmup: int = 0, seed: int = 0,
+                        init_diag=None, init_samples: int = 1,
                         ) -> optax.GradientTransformationExtraArgs:
     """Scale updates by the inverse of a Hutchinson estimate of the Hessian diagonal.
 
@@ -61,14 +62,19 @@ def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int
       warmup: the first ``warmup`` steps only gather samples and return zero updates, so that
         the first real step uses an average of several samples rather than one noisy one.
       seed: PRNG seed for the probes.
+      init_diag: optional first estimate of diag(H) (a pytree like the params), e.g. the exact
+        diagonal (:func:`jaxcryo.curvature.exact_diagonal`); it enters the running mean as
+        ``init_samples`` samples, and the first step already uses it (no warm-up needed).
+        :func:`seed_hutchinson` does the same to an existing state (e.g. vmapped half-sets).
     """
     if average not in ("mean", "ema"):
         raise ValueError(f"average must be 'mean' or 'ema', got {average!r}")
 
     def init_fn(params):
         zeros = optax.tree.zeros_like(params)
-        return ScaleByHutchinsonState(count=jnp.zeros([], jnp.int32), n_samples=jnp.zeros([], jnp.int32),
-                                      key=jax.random.PRNGKey(seed), mean=zeros, diag=zeros)
+        state = ScaleByHutchinsonState(count=jnp.zeros([], jnp.int32), n_samples=jnp.zeros([], jnp.int32),
+                                       key=jax.random.PRNGKey(seed), mean=zeros, diag=zeros)
+        return state if init_diag is None else seed_hutchinson(state, init_diag, init_samples)
 
     def sample(state, params, hvp_fn, loss_fn):
         if hvp_fn is None:
@@ -112,6 +118,37 @@ def scale_by_hutchinson(*, beta: float = 0.9, alpha: float = 1e-6, n_probes: int
         return updates, state._replace(count=state.count + 1)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def has_hutchinson(opt_state) -> bool:
+    """Whether an optax state tree holds a :func:`scale_by_hutchinson` state."""
+    is_state = lambda x: isinstance(x, ScaleByHutchinsonState)  # noqa: E731
+    return any(is_state(x) for x in jax.tree.leaves(opt_state, is_leaf=is_state))
+
+
+def seed_hutchinson(opt_state, diag, n_samples: int = 1):
+    """Start every :func:`scale_by_hutchinson` state inside ``opt_state`` from the estimate ``diag``.
+
+    The estimate D and the running mean become ``diag`` (cast to their dtype), counted as
+    ``n_samples`` samples of the running mean: later Hutchinson samples s_t then move the mean
+    by (s_t - mean) / (n_samples + t). Works on any optax state tree (a chain, vmapped states
+    with a leading half-set axis when ``diag`` has it too). Typical first estimate: the exact
+    full-data diagonal, one back-projection of squared interpolation weights times CTF^2
+    (:func:`jaxcryo.curvature.exact_diagonal`, nearest and trilinear).
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    is_state = lambda x: isinstance(x, ScaleByHutchinsonState)  # noqa: E731
+
+    def seed(s):
+        if not is_state(s):
+            return s
+        d = jax.tree.map(lambda m, x: jnp.broadcast_to(jnp.asarray(x, m.dtype), m.shape), s.mean, diag)
+        # two buffers: the driver donates the state, and one buffer donated twice is an error
+        return s._replace(n_samples=jnp.full_like(s.n_samples, n_samples), mean=d,
+                          diag=jax.tree.map(lambda x: jnp.array(x, copy=True), d))
+
+    return jax.tree.map(seed, opt_state, is_leaf=is_state)
 
 
 class ScaleByDiagonalState(NamedTuple):

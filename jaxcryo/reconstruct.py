@@ -25,7 +25,7 @@ from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import default_alpha, half_volume_weights
 from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
 from jaxcryo.noise import NOISE_MODELS, noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
-from jaxcryo.optim import armijo, scale_by_hutchinson
+from jaxcryo.optim import armijo, has_hutchinson, scale_by_hutchinson, seed_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam", "normal")
 
@@ -327,9 +327,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 halves: bool = True, seed: int = 0, n_probes: int = 1, beta: float = 0.9,
                 alpha: float | None = None, learning_rate: float | None = None,
                 initial_step: float = 10.0, c: float = 0.9, average: bool = True, warmup: int = 8,
-                wiener_after: int = 0, noise_model: str = "estimate", noise_after: int = 1,
-                noise_tol: float = 0.1,
-                init_volume_ft=None,
+                init_samples: int = 16, wiener_after: int = 0, noise_model: str = "estimate",
+                noise_after: int = 1, noise_tol: float = 0.1, init_volume_ft=None,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
@@ -352,8 +351,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         FSC and resolution, and return their mean as the map.
       n_probes, beta, alpha, learning_rate, initial_step, c, warmup: optimizer settings (see
         :func:`make_optimizer`); ``warmup`` steps (at most a quarter of the first epoch) only
-        gather curvature samples (psgd). c is 0.9 here, 0.99 in the paper: see the README for
-        the measurements behind it and behind batch_size 128 (256 converged slower per epoch).
+        gather curvature samples (psgd, and only when it has no exact first estimate).
+      init_samples: with nearest/trilinear slicing, every Hutchinson estimate (psgd, or one in
+        an optax chain) starts from the exact full-data diagonal (one back-projection of squared
+        weights x CTF^2, see :func:`jaxcryo.curvature.exact_diagonal`), counted as this many
+        samples of the running mean; no warm-up steps then. 0: start from nothing (warm-up).
+        c is 0.9 here, 0.99 in the paper: see the README for the measurements behind it and
+        behind batch_size 128 (256 converged slower per epoch).
       average: end every epoch at the mean of its iterates (see :func:`make_epoch`).
       wiener_after: with halves, after this many epochs (0: never) estimate each shell's SNR
         from the half-maps' FSC and add the Wiener prior :func:`wiener_shell_lam` to the
@@ -418,8 +422,10 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         rows = dist.P(None, dist.AXIS)
     batch_size = int(min(batch_size, groups.shape[1]))
 
-    # Warm-up steps (curvature samples only) take at most a quarter of the first epoch.
-    warmup = int(min(warmup, (-(-groups.shape[1] // batch_size)) // 4))
+    # Warm-up steps (curvature samples only) take at most a quarter of the first epoch; none
+    # when the estimate starts from the exact diagonal (one cheap pass for nearest/trilinear).
+    seed_exact = init_samples > 0 and interpolation != "nufft"
+    warmup = 0 if seed_exact else int(min(warmup, (-(-groups.shape[1] // batch_size)) // 4))
     if isinstance(method, str):
         tx = make_optimizer(method, box=box, r_max=grid.radius, beta=beta, alpha=alpha, n_probes=n_probes,
                             initial_step=initial_step, c=c, learning_rate=learning_rate, warmup=warmup,
@@ -471,8 +477,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         init = problem.zeros(dtype) if init_volume_ft is None else jnp.asarray(init_volume_ft, dtype)
         params = jnp.stack([init] * g)
         opt_state = jax.vmap(tx.init)(params)
-        state = ReconState(0, params, opt_state, jax.random.split(key, g),
-                           {"epoch": [], "loss": [], "data_loss": [], "prior": [], "seconds": []})
+        history0 = {"epoch": [], "loss": [], "data_loss": [], "prior": [], "seconds": []}
+        seed_exact = seed_exact and not exact and has_hutchinson(opt_state)
+        if seed_exact:  # timed: counts toward the first epoch's seconds
+            t0 = time.perf_counter()
+            opt_state = seed_hutchinson(opt_state, jax.block_until_ready(diagonals(problem)), init_samples)
+            history0["init_seconds"] = time.perf_counter() - t0
+        state = ReconState(0, params, opt_state, jax.random.split(key, g), history0)
     else:
         state = resume
     history = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in state.history.items()}
@@ -505,7 +516,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
 
     compiled, full_loss, diag, compile_seconds = build(problem)
     history["compile_seconds"] = compile_seconds
-    elapsed = history["seconds"][-1] if history["seconds"] else 0.0
+    elapsed = history["seconds"][-1] if history["seconds"] else history.get("init_seconds", 0.0)
     params, opt_state, keys = state.params, state.opt_state, state.key
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
@@ -541,6 +552,12 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
                 problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
                 history["shell_lam"] = list(problem.shell_lam)
+            if seed_exact and not exact and has_hutchinson(opt_state):  # restart from the new objective's diagonal
+                if data_diag is None:
+                    data_diag = diagonals(problem.data_only())
+                opt_state = seed_hutchinson(opt_state, data_diag + 2.0 * problem.regularizer(dtype), init_samples)
+                if mesh is not None:
+                    opt_state = dist.replicate(opt_state, mesh)
             state = ReconState(epoch, params, opt_state, keys, history)
             extra = 0.0
             if epoch < epochs or residuals is None:  # after the last epoch only its loss is needed

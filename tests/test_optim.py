@@ -12,7 +12,8 @@ import pytest
 from conftest import make_particles, make_problem, random_pairs
 from jaxcryo.curvature import power_iteration
 from jaxcryo.loss import loss
-from jaxcryo.optim import ScaleByHutchinsonState, armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
+from jaxcryo.optim import (ScaleByHutchinsonState, armijo, has_hutchinson, precon_sgd, scale_by_diagonal,
+                           scale_by_hutchinson, seed_hutchinson)
 
 # ---------------------------------------------------------------- stock optax on the cryo loss
 
@@ -259,3 +260,96 @@ def test_scale_by_diagonal():
     chained = optax.chain(scale_by_diagonal(H), optax.scale(-1.0))
     out = _run(chained, _quadratic, _zeros(), 1)
     assert float(_quadratic(out)) < 1e-10 * float(_quadratic(_zeros()))
+
+
+# ---------------------------------------------------------------- a first estimate (init_diag / seed_hutchinson)
+
+
+def test_init_diag_is_used_at_once_and_counts_as_init_samples():
+    """The first update already divides by init_diag (no warm-up), and later samples enter the
+    running mean with the init counted as ``init_samples`` samples: mean = (n0 D0 + s) / (n0 + 1)."""
+    beta, n0 = 0.5, 3
+    d0 = {"x": jnp.array([2.0, 4.0, 8.0])}
+    tx = scale_by_hutchinson(beta=beta, alpha=1e-8, init_diag=d0, init_samples=n0)
+    params = {"x": jnp.zeros(3)}
+    state = tx.init(params)
+    assert int(state.n_samples) == n0
+    s = jnp.array([10.0, 0.0, 8.0])
+    updates, state = tx.update({"x": jnp.ones(3)}, state, params, diag_sample={"x": s})
+    mean = (n0 * d0["x"] + s) / (n0 + 1)
+    want = beta * d0["x"] + (1 - beta) * mean
+    np.testing.assert_allclose(state.mean["x"], mean, rtol=1e-6)
+    np.testing.assert_allclose(state.diag["x"], want, rtol=1e-6)
+    np.testing.assert_allclose(updates["x"], 1.0 / want, rtol=1e-6)
+    with pytest.raises(ValueError, match="n_samples"):
+        seed_hutchinson(state, d0, 0)
+
+
+def test_seed_hutchinson_reaches_states_inside_chains_and_vmapped_halves():
+    tx = optax.chain(optax.clip(10.0), scale_by_hutchinson(alpha=1e-8), optax.trace(0.5), optax.scale(-1.0))
+    params = jnp.zeros((2, 3))  # two half-sets, vmapped
+    state = jax.vmap(tx.init)(params)
+    assert has_hutchinson(state) and not has_hutchinson(jax.vmap(optax.sgd(1.0).init)(params))
+    d0 = jnp.array([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    seeded = seed_hutchinson(state, d0, 5)
+    hutch = seeded[1]
+    np.testing.assert_array_equal(hutch.diag, d0)
+    np.testing.assert_array_equal(hutch.n_samples, [5, 5])
+    # two buffers (the driver donates the whole state; one buffer donated twice fails)
+    assert hutch.mean.unsafe_buffer_pointer() != hutch.diag.unsafe_buffer_pointer()
+    g = jnp.ones((2, 3))
+    updates, _ = jax.vmap(lambda u, st, p: tx.update(u, st, p, diag_sample=jnp.asarray(d0[0])))(g, seeded, params)
+    # the first sample d0[0] pulls half-set 1's estimate down, but D was d0 before it
+    np.testing.assert_allclose(updates[0], -1.0 / d0[0], rtol=1e-6)
+    assert np.all(np.asarray(-1.0 / updates[1]) < np.asarray(d0[1]))
+
+
+@pytest.fixture(scope="module")
+def small_set():
+    import jaxcryo as jc
+    from jaxcryo.forward.slicing import FourierGrid
+    box, px = 16, 4.0
+    truth = jc.synthetic_molecule(box, pixel_size_angstrom=px, seed=2)
+    sim = jc.simulate_particles(truth, 600, pixel_size_angstrom=px, snr=0.1, seed=3)
+    particles = jc.prepare_particles(sim.images, sim.rotations, sim.shifts_angstrom / px, sim.ctf, FourierGrid(box))
+    return box, px, particles
+
+
+def _losses(small_set, method, epochs=2, **kw):
+    import jaxcryo as jc
+    box, px, particles = small_set
+    rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=method, epochs=epochs, batch_size=64,
+                         halves=False, seed=1, **kw)
+    return rec.history
+
+
+def test_driver_seeds_psgd_with_the_exact_diagonal(small_set):
+    """An exact first estimate worth 10^9 samples never moves: psgd then follows psgd-exact step
+    for step (its brute-force twin); with the default weight its first epoch beats sgd's."""
+    frozen = _losses(small_set, "psgd", init_samples=10**9)
+    exact = _losses(small_set, "psgd-exact")
+    np.testing.assert_allclose(frozen["loss"], exact["loss"], rtol=1e-4)
+    assert frozen["init_seconds"] > 0
+    seeded = _losses(small_set, "psgd", epochs=1)["loss"][0]
+    sgd = _losses(small_set, "sgd", epochs=1)["loss"][0]
+    assert seeded < sgd, (seeded, sgd)
+
+
+def test_momentum_composes_before_the_line_search_not_after():
+    """Where optax momentum goes in a chain with the Armijo search (README, composition with optax).
+
+    Before the search (scale_by_hutchinson -> trace -> scale(-1) -> armijo) the search tests the
+    step that is taken: it converges like psgd. After it (... -> armijo -> trace) the accepted
+    step is then inflated by up to 1/(1 - decay) and overshoots: no better than plain sgd."""
+    start = float(_quadratic(_zeros()))
+
+    def final(*steps, n=10):
+        return float(_quadratic(_run(optax.chain(*steps), _quadratic, _zeros(), n, _all_inputs))) / start
+
+    pre = lambda: scale_by_hutchinson(alpha=1e-8)  # noqa: E731
+    search = lambda: armijo(c=0.5)  # noqa: E731
+    assert final(pre(), optax.scale(-1.0), search()) < 1e-8
+    assert final(pre(), optax.trace(0.5), optax.scale(-1.0), search()) < 1e-8
+    assert final(pre(), optax.trace(0.9), optax.scale(-1.0), search()) < 1e-5
+    assert final(pre(), optax.scale(-1.0), search(), optax.trace(0.9)) > 1e-2
+    assert final(optax.scale(-1.0), search()) > 1e-3  # plain sgd, for scale
