@@ -26,19 +26,28 @@ def _demo(args) -> int:
     # Trilinear slices by default: the fitted model then matches the data up to noise, so the
     # loss optimum is the truth plus noise and the comparison is about the optimizers (with
     # exact 'nufft' slices the trilinear model's own error also grows as the fit converges).
+    interp = args.interpolation
+    simulate_with = args.simulate_with or interp
     sim = jc.simulate_particles(truth, args.n_images, pixel_size_angstrom=px, snr=args.snr, seed=args.seed,
-                                interpolation=args.simulate_with)
+                                interpolation=simulate_with)
     grid = FourierGrid(box)
     particles = jc.prepare_particles(sim.images, sim.rotations, sim.shifts_angstrom / px, sim.ctf, grid)
-    print(f"  simulated ({args.simulate_with} slices) in {time.perf_counter() - t0:.1f} s")
+    print(f"  simulated ({simulate_with} slices) in {time.perf_counter() - t0:.1f} s; reconstructing with "
+          f"{interp} slices")
     lam = args.lam
-    diag = exact_hessian_diagonal(particles, jc.Problem(grid=grid, interpolation="trilinear", lam=lam))
+    diag = exact_hessian_diagonal(particles, jc.Problem(grid=grid, interpolation=interp, lam=lam))
     kappa = kappa_by_radius(diag, box, lam=lam)
     print(f"  condition number of the Hessian's diagonal over the Fourier ball: {kappa[len(kappa) // 2]:.0f} "
           f"(radius {len(kappa) // 2}), {kappa[-1]:.0f} (radius {len(kappa) - 1}); preconditioning pays "
           "where this is large")
-    truth_ft = np.asarray(jc.volume_to_ft(jnp.asarray(truth), "trilinear"))  # the parameters fitted by trilinear slicing
+    truth_ft = np.asarray(jc.volume_to_ft(jnp.asarray(truth), interp))  # the parameters fitted by trilinear slicing
     shell = slice(box // 4 - 2, box // 4 + 1)  # around half Nyquist
+    # One objective for both methods: white noise (as simulated) and, by default, the MAP prior of
+    # this simulation (its known signal spectrum and noise), whose optimum is the best map.
+    prior = None
+    if args.prior == "truth":
+        from jaxcryo.simulate import oracle_shell_lam
+        prior = oracle_shell_lam(truth_ft, sim.noise_sigma, args.n_images / 2)
 
     results = {}
     for method in ("sgd", "psgd"):
@@ -49,7 +58,7 @@ def _demo(args) -> int:
 
         rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=method, epochs=args.epochs,
                              batch_size=args.batch_size, seed=args.seed, lam=lam, wiener_after=args.wiener_after,
-                             callback=track)
+                             interpolation=interp, noise_model="white", shell_lam=prior, callback=track)
         results[method] = (rec, fsc_by_epoch)
         write_map(os.path.join(args.out, f"map_{method}.mrc"), rec.volume, voxel_size_angstrom=px)
     write_map(os.path.join(args.out, "truth.mrc"), truth, voxel_size_angstrom=px)
@@ -72,7 +81,8 @@ def _demo(args) -> int:
                    "resolution_angstrom": r.resolution_angstrom} for m, (r, f) in results.items()}
     setting = {"box": box, "pixel_size_angstrom": px, "n_images": args.n_images, "snr": args.snr,
                           "epochs": args.epochs, "batch_size": args.batch_size, "lam": lam,
-                          "wiener_after": args.wiener_after, "simulate_with": args.simulate_with,
+                          "wiener_after": args.wiener_after, "simulate_with": simulate_with, "interpolation": interp,
+                          "prior": args.prior,
                           "kappa_diag_by_radius": [float(k) for k in kappa]}
     with open(os.path.join(args.out, "demo.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
@@ -804,11 +814,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pixel-size", type=float, default=1.5, help="pixel size (Angstrom)")
     demo.add_argument("--n-images", type=int, default=5000, help="number of particles")
     demo.add_argument("--snr", type=float, default=0.2, help="signal-to-noise ratio (variance)")
+    demo.add_argument("--prior", choices=("truth", "none"), default="truth",
+                      help="shared per-shell prior: the simulation's own MAP prior (known signal spectrum and "
+                           "noise), or none (lam only: the optimum then fits noise)")
     demo.add_argument("--epochs", type=int, default=10, help="passes over the data")
     demo.add_argument("--batch-size", type=int, default=128, help="images per step")
     demo.add_argument("--lam", type=float, default=1e-4, help="Tikhonov weight")
-    demo.add_argument("--simulate-with", choices=("trilinear", "nufft"), default="trilinear",
-                      help="slicing used to simulate the images (the reconstruction uses trilinear)")
+    demo.add_argument("--interpolation", choices=("nearest", "trilinear"), default="nearest",
+                      help="slicing of the reconstruction (nearest: the paper's setting, where diag(H) is H)")
+    demo.add_argument("--simulate-with", choices=("nearest", "trilinear", "nufft"), default=None,
+                      help="slicing used to simulate the images (default: the reconstruction's)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--wiener-after", type=int, default=0, metavar="E",
                       help="epochs before the half-map FSC sets a Wiener prior per shell (0: never; each method "

@@ -328,7 +328,7 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 alpha: float | None = None, learning_rate: float | None = None,
                 initial_step: float = 10.0, c: float = 0.9, average: bool = True, warmup: int = 8,
                 init_samples: int = 16, wiener_after: int = 0, noise_model: str = "estimate",
-                noise_after: int = 1, noise_tol: float = 0.1, init_volume_ft=None,
+                noise_after: int = 1, noise_tol: float = 0.1, shell_lam=None, init_volume_ft=None,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
@@ -359,6 +359,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         c is 0.9 here, 0.99 in the paper: see the README for the measurements behind it and
         behind batch_size 128 (256 converged slower per epoch).
       average: end every epoch at the mean of its iterates (see :func:`make_epoch`).
+      shell_lam: a fixed prior per Fourier shell (e.g. :func:`jaxcryo.simulate.oracle_shell_lam`),
+        added to lam in the objective (then no Wiener prior is estimated).
       wiener_after: with halves, after this many epochs (0: never) estimate each shell's SNR
         from the half-maps' FSC and add the Wiener prior :func:`wiener_shell_lam` to the
         objective for the remaining epochs (as RELION's refinement regularises, from the
@@ -400,7 +402,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                                   callback=callback, devices=devices, mesh=mesh, share=share, symmetry=symmetry,
                                   noise_model=noise_model, noise_tol=noise_tol)
     grid = FourierGrid(box, r_max)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry,
+                      shell_lam=None if shell_lam is None else tuple(float(x) for x in shell_lam))
     dtype = particles.data.dtype
     n_noise = 1 if particles.noise_group is None else int(np.max(np.asarray(particles.noise_group), initial=0)) + 1
     if jax.process_count() > 1:  # every process must build the same Problem

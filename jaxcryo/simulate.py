@@ -141,3 +141,30 @@ def simulate_particles(volume, n_images: int, *, pixel_size_angstrom: float, snr
     return SimulatedParticles(images=images, euler_deg=euler, rotations=rotations.astype(np.float32),
                               shifts_angstrom=shifts_px * pixel_size_angstrom, ctf=ctf, noise_sigma=sigma,
                               noise_power=power)
+
+
+def oracle_shell_lam(volume_ft, noise_sigma: float, n_images: float) -> tuple:
+    """The MAP (Wiener) prior of a simulation whose signal spectrum and noise are known.
+
+    With noise of variance sigma^2 per Fourier pixel and a Gaussian prior of variance
+    tau_k^2 = mean |V_k|^2 over the map's shell k, the posterior objective in jaxcryo's units
+    (data term averaged over n images; prior (1/2) sum_full lam_k |v_k|^2, see
+    :meth:`jaxcryo.loss.Problem.regularizer`) has lam_k = 2 sigma^2 / (n tau_k^2). A prior
+    shared by every method: its optimum is the minimum-MSE map, so the methods can be compared
+    on one objective (used by ``jaxcryo demo``). Returns per-shell weights (shell 0 undamped).
+
+    Args:
+      volume_ft: (N, N, N//2+1, 2) Fourier pairs of the true map.
+      noise_sigma: the noise standard deviation added (real space = Fourier, per pixel).
+      n_images: images per reconstruction (per half-set when there are two).
+    """
+    from jaxcryo.geometry import shell_index, volume_radius
+
+    v = np.asarray(volume_ft, np.float64)
+    box = v.shape[0]
+    power = (v ** 2).sum(-1).ravel()
+    shells = shell_index(volume_radius(box)).ravel()
+    tau2 = np.bincount(shells, power) / np.maximum(np.bincount(shells), 1)
+    lam = 2.0 * float(noise_sigma) ** 2 / (float(n_images) * np.maximum(tau2, 1e-30 * tau2.max()))
+    lam[0] = 0.0
+    return tuple(float(x) for x in lam)
