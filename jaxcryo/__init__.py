@@ -12,6 +12,7 @@ from jaxcryo.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from jaxcryo.loss import Problem, loss, value_grad_hvp
 from jaxcryo.optim import armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
 from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
+from jaxcryo.refine import Refinement, RefineState, refine
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "euler_to_matrix", "matrix_to_euler", "random_rotations", "Problem", "loss", "value_grad_hvp",
     "armijo", "precon_sgd", "scale_by_diagonal", "scale_by_hutchinson", "METHODS", "ReconState",
     "Reconstruction", "make_optimizer", "reconstruct", "simulate_particles", "synthetic_molecule",
+    "Refinement", "RefineState", "refine",
 ]

@@ -510,6 +510,160 @@ def _reconstruct(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- refine
+
+
+def _refine(args) -> int:
+    import dataclasses
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    import jaxcryo as jc
+    from jaxcryo.forward import FourierGrid
+    from jaxcryo.fsc import resolution
+    from jaxcryo.geometry import matrix_to_euler
+    from jaxcryo.io import InputError, read_map, write_map
+    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
+                                  load_particles, open_particles, plan_memory, save_checkpoint,
+                                  write_refined_particles)
+    from jaxcryo.refine import PoseState, RefineState, resample_map
+
+    out = _check_output_folder(args.out)
+    root = _map_root(out)
+    folder = os.path.dirname(out)
+    ckpt = checkpoint_path(out)
+    star_out = f"{root}_particles.star"
+    t_start = time.perf_counter()
+    if str(args.symmetry).upper() != "C1":
+        raise InputError(f"--symmetry {args.symmetry}: refine handles C1 only for now")
+    table, stack = open_particles(args.star, require_poses=args.local)
+    with stack:
+        note = stack.pixel_size_note()
+        if note:
+            _note(args, note)
+        box, px, n = stack.box_size, float(table.pixel_size_angstrom[0]), len(table)
+        if n < 2:
+            raise InputError(f"{args.star}: {n} particle; gold-standard refinement needs at least 2")
+        if not table.has_ctf:
+            _note(args, f"{args.star} has no CTF columns; refining without CTF")
+        reference, ref_px = read_map(args.reference)
+        if reference.ndim != 3 or len(set(reference.shape)) != 1:
+            raise InputError(f"{args.reference}: map is {reference.shape}; need a cubic map")
+        if ref_px <= 0:
+            ref_px = px
+            _note(args, f"{args.reference} header has no voxel size; assuming the particles' {px:g} Å/px")
+        try:
+            reference = resample_map(reference, ref_px, box, px)
+        except ValueError as err:
+            raise InputError(f"{args.reference}: {err}") from None
+        if reference.shape[0] != box or ref_px != px:
+            _note(args, f"{os.path.basename(args.reference)} ({ref_px:g} Å/px) resampled to {box} px of {px:g} Å")
+        if not np.all(np.isfinite(reference)):
+            raise InputError(f"{args.reference}: map has NaN or Inf values")
+        mask = None
+        if args.mask:
+            mask, _ = read_map(args.mask)
+            if mask.shape != (box,) * 3:
+                raise InputError(f"{args.mask}: mask is {mask.shape}, the particles need {(box,) * 3}")
+            if not np.all(np.isfinite(mask)) or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+                raise InputError(f"{args.mask}: mask values must lie in [0, 1]")
+            mask = np.clip(mask, 0.0, 1.0)
+        if args.diameter is not None and args.diameter > box * px:
+            raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
+        plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size)
+        limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
+        _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
+                   f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
+                   f"searches, at most {args.epochs} epochs; memory needed about {plan.describe()}, "
+                   f"limit {format_bytes(limit)}")
+        if plan.in_memory_bytes > limit:
+            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)}, "
+                             f"above the limit of {format_bytes(limit)}; raise --max-memory-gb")
+
+        import hashlib
+        with open(table.star_path, "rb") as fh:
+            digest = hashlib.sha1(fh.read()).hexdigest()
+        with open(args.reference, "rb") as fh:
+            ref_digest = hashlib.sha1(fh.read()).hexdigest()
+        settings = {"command": "refine", "star": os.path.abspath(table.star_path), "star_sha1": digest,
+                    "reference_sha1": ref_digest, "n_particles": n, "box": box, "pixel_size_angstrom": px,
+                    "initial_lowpass": args.initial_lowpass, "diameter": args.diameter,
+                    "mask": os.path.abspath(args.mask) if args.mask else None, "local": bool(args.local),
+                    "method": args.method, "batch_size": args.batch_size, "seed": args.seed,
+                    "global_order": args.global_order, "top_k": args.top_k, "temperature": args.temperature,
+                    "symmetry": args.symmetry, "interpolation": args.interpolation}
+        resume = None
+        if os.path.exists(ckpt):
+            saved_state, saved = load_checkpoint(ckpt)
+            if saved == settings:
+                opt_state, pose_leaves = saved_state.opt_state
+                resume = RefineState(saved_state._replace(opt_state=opt_state), PoseState(*pose_leaves))
+                _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
+            elif args.resume:
+                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
+                                 "rerun with those settings, or without --resume to start afresh")
+            else:
+                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
+        elif args.resume:
+            raise InputError(f"{ckpt}: no checkpoint to resume from")
+
+        grid = FourierGrid(box)
+        source = table if args.local else dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
+        bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
+        particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+        bar.close()
+
+    start_epoch = 0 if resume is None else resume.recon.epoch
+    epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="refine epochs", unit="epoch",
+                      disable=args.quiet, leave=False)
+
+    def on_epoch(state):
+        recon = state.recon
+        save_checkpoint(ckpt, recon._replace(opt_state=(recon.opt_state, tuple(state.poses))), settings)
+        h = recon.history
+        epochs_bar.update(1)
+        epochs_bar.set_postfix(res=f"{h['resolution_angstrom'][-1]:.2f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
+                               change=f"{h['mean_pose_change_deg'][-1]:.2f}deg")
+
+    result = jc.refine(particles, reference, box=box, pixel_size_angstrom=px,
+                       initial_lowpass_angstrom=args.initial_lowpass, diameter_angstrom=args.diameter, mask=mask,
+                       local=args.local, epochs=args.epochs, batch_size=args.batch_size, method=args.method,
+                       interpolation=args.interpolation, global_order=args.global_order, top_k=args.top_k,
+                       temperature=args.temperature, seed=args.seed, resume=resume, callback=on_epoch,
+                       symmetry=args.symmetry)
+    epochs_bar.close()
+    del particles
+    rec = result.reconstruction
+    write_map(out, rec.volume, voxel_size_angstrom=px)
+    written = [os.path.basename(out)]
+    for i in (0, 1):
+        write_map(f"{root}_half{i + 1}.mrc", rec.half_maps[i], voxel_size_angstrom=px)
+        written.append(os.path.basename(f"{root}_half{i + 1}.mrc"))
+    _plot_fsc(rec.fsc, px, f"{root}_fsc.png", f"half-map FSC, {os.path.basename(out)}")
+    written.append(os.path.basename(f"{root}_fsc.png"))
+    prior = table.shifts_angstrom if args.local else np.zeros((n, 2))
+    euler = np.asarray(matrix_to_euler(np.asarray(result.rotations, np.float64)))
+    write_refined_particles(star_out, table, euler_deg=euler, shifts_angstrom=prior + result.shifts_px * px,
+                            random_subset=result.half_set, max_prob=result.max_prob)
+    written.append(os.path.basename(star_out))
+    keys = ("epoch", "loss", "seconds", "resolution_angstrom", "angular_step_deg", "shift_step_px", "r_limit",
+            "mean_pose_change_deg", "mode")
+    history = {k: rec.history[k] for k in keys}
+    history.update(compile_seconds=rec.history.get("compile_seconds"), pixel_size_angstrom=px,
+                   settings={k: v for k, v in settings.items() if not k.endswith("sha1")},
+                   fsc=_fsc_table(rec.fsc, px), resolution_angstrom=rec.resolution_angstrom,
+                   resolution_fsc_0_5_angstrom=resolution(rec.fsc, px, 0.5))
+    _write_json(os.path.join(folder, "history.json"), history)
+    written.append("history.json")
+    h = rec.history
+    print(f"jaxcryo refine: {n} particles, {len(h['epoch'])} epochs, half-map resolution "
+          f"{rec.resolution_angstrom:.2f} Å (FSC 0.143), last angular step {h['angular_step_deg'][-1]:g} deg, "
+          f"{time.perf_counter() - t_start:.1f} s; wrote {', '.join(written)} in {folder}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -620,6 +774,48 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory (chosen automatically when they do not fit under --max-memory-gb)")
     rec.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
     rec.set_defaults(func=_reconstruct)
+
+    ref = sub.add_parser(
+        "refine", formatter_class=_Formatter, help="gold-standard 3-D refinement with unknown poses",
+        description="Refine a map and every particle's pose from a starting reference (RELION 3D auto-refine's\n"
+                    "job): two independent half-sets, each scored against its own half-map over rotations x\n"
+                    "shifts (a global search, then local searches at finer steps as the resolution improves),\n"
+                    "the map updated by preconditioned SGD on the top poses with their posterior weights.\n"
+                    "Writes MAP.mrc, MAP_half1/2.mrc, MAP_fsc.png, history.json and MAP_particles.star (the\n"
+                    "input rows with refined poses, rlnRandomSubset and rlnMaxValueProbDistribution), and a\n"
+                    "checkpoint MAP.ckpt.npz after every epoch. Stops by itself when resolution and poses settle.")
+    ref.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file (poses ignored "
+                                                            "unless --local)")
+    ref.add_argument("--reference", required=True, metavar="REF.mrc",
+                     help="starting map (another box or voxel size is resampled in Fourier space)")
+    ref.add_argument("--out", required=True, metavar="MAP.mrc", help="output map")
+    ref.add_argument("--initial-lowpass", type=pos_float, default=40.0, metavar="A",
+                     help="low-pass the reference to this resolution first (Angstrom), as RELION does, so that "
+                          "its high-resolution detail cannot bias the poses")
+    ref.add_argument("--diameter", type=pos_float, default=None, metavar="A",
+                     help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
+    ref.add_argument("--mask", default=None, metavar="MASK.mrc", help="solvent mask (values 0..1) instead of the sphere")
+    ref.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
+    ref.add_argument("--local", action="store_true",
+                     help="start from the STAR's poses (local searches only) instead of a global search")
+    ref.add_argument("--epochs", type=pos_int, default=12, metavar="E", help="at most this many epochs")
+    ref.add_argument("--global-order", type=_nonneg_int, default=2, metavar="K",
+                     help="HEALPix order of the global search (2: 15 deg, 4608 rotations; 3: 7.5 deg, 36864)")
+    ref.add_argument("--top-k", type=pos_int, default=4, metavar="K", help="poses kept per image per step")
+    ref.add_argument("--temperature", type=pos_float, default=1.0, metavar="T",
+                     help="posterior temperature (> 1 spreads the weight over more poses)")
+    ref.add_argument("--method", choices=METHODS, default="psgd", help="optimizer of the volume step")
+    ref.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
+    ref.add_argument("--interpolation", choices=("nearest", "trilinear"), default="trilinear",
+                     help="Fourier slicing")
+    ref.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (half-sets, shuffles, probes)")
+    ref.add_argument("--resume", action="store_true",
+                     help="continue from MAP.ckpt.npz; an error if it is missing or was made with other settings")
+    ref.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
+                     help="refuse to start when the run needs more memory than this (GiB)")
+    ref.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N", help="images read at a time")
+    ref.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
+    ref.set_defaults(func=_refine)
 
     fsc = sub.add_parser("fsc", formatter_class=_Formatter, help="Fourier shell correlation of two maps",
                          description="FSC between two maps per Fourier shell, the resolution at FSC 0.5 and "

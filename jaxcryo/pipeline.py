@@ -346,3 +346,46 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
         if callback is not None:
             callback(state)
     return finish(ReconState(state.epoch, params, opt_state, keys, history), interpolation, pixel_size_angstrom)
+
+
+# ----------------------------------------------------------------------------- refined poses
+
+
+def write_refined_particles(path, table: ParticleTable, *, euler_deg, shifts_angstrom, random_subset,
+                            max_prob) -> None:
+    """The input STAR's particle rows (``table.source_rows``, every column kept) with refined poses.
+
+    Sets rlnAngleRot/Tilt/Psi, the origin (rlnOriginX/YAngst; RELION 3.0 files: rlnOriginX/Y in
+    pixels), rlnRandomSubset (1 or 2, the half-set) and rlnMaxValueProbDistribution; other
+    blocks (optics) are copied. Image names are made absolute when ``path`` is in another
+    folder than the input STAR, so relion_reconstruct reads the stacks from anywhere. Atomic.
+    """
+    import warnings
+
+    import starfile
+
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blocks = starfile.read(table.star_path, always_dict=True)
+    name = next((b for b in ("particles", "images", "") if b in blocks and "rlnImageName" in blocks[b]),
+                next(b for b in blocks if hasattr(blocks[b], "columns") and "rlnImageName" in blocks[b].columns))
+    df = blocks[name].reset_index(drop=True).iloc[np.asarray(table.source_rows)].reset_index(drop=True).copy()
+    euler = np.asarray(euler_deg, np.float64)
+    shifts = np.asarray(shifts_angstrom, np.float64)
+    for i, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
+        df[col] = euler[:, i]
+    if "rlnOriginXAngst" in df.columns or "optics" in blocks:
+        df["rlnOriginXAngst"], df["rlnOriginYAngst"] = shifts[:, 0], shifts[:, 1]
+        df = df.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in df.columns])
+    else:  # RELION 3.0: origins in pixels
+        px = table.pixel_size_angstrom
+        df["rlnOriginX"], df["rlnOriginY"] = shifts[:, 0] / px, shifts[:, 1] / px
+    df["rlnRandomSubset"] = np.asarray(random_subset, np.int64)
+    df["rlnMaxValueProbDistribution"] = np.asarray(max_prob, np.float64)
+    star_dir = os.path.dirname(os.path.abspath(table.star_path))
+    if os.path.dirname(os.path.abspath(path)) != star_dir:
+        df["rlnImageName"] = [f"{i + 1}@{p}" for i, p in zip(table.stack_indices, table.stack_paths)]
+    blocks[name] = df
+    with atomic_output(path) as tmp:
+        starfile.write(blocks, tmp, float_format="%.6f", sep=" ")

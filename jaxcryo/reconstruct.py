@@ -113,9 +113,22 @@ def _stack_groups(particles: Particles, groups):
 
 def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
                axis_name: str | None = None, n_rows: int | None = None, n_devices: int = 1,
-               average: bool = False):
+               average: bool = False, pose_stage: Callable | None = None):
     """The epoch function for one half-set: (params, opt_state, key, particles[, diag]) ->
-    (params, opt_state, batch losses). Pure; the caller vmaps and jits it.
+    (params, opt_state, key, batch losses). Pure; the caller vmaps and jits it.
+
+    Every minibatch step is two stages: the pose stage, then the volume step (gradient,
+    Hessian-vector products and the optax transform) on the batch the pose stage returns.
+    ``pose_stage`` None is the identity (known poses: the batch as it is). Otherwise it is
+    ``pose_stage(params, batch, pose_rows, key, pose_args) -> (expanded_batch, new_pose_rows)``
+    with ``pose_rows`` the batch's rows of a per-particle pose state (any pytree with leading
+    axis n, e.g. :class:`jaxcryo.refine.PoseState`) and ``pose_args`` dynamic settings shared by
+    the epoch; the epoch then takes ``pose_state`` and ``pose_args`` as two more arguments,
+    scatters the new rows back (padding rows are dropped), and returns the pose state last.
+    A ``pose_args["regularizer"]`` (scalar or (N, N, H, 1)) replaces the problem's Tikhonov
+    weights, so that a schedule can change the Wiener prior between epochs without recompiling.
+    The expanded batch may have more rows than the minibatch (e.g. B x K candidate poses whose
+    weights are the particle weight times the posterior): the loss normalises by its total weight.
 
     With ``axis_name`` it runs inside ``shard_map`` (see :mod:`jaxcryo.distributed`):
     ``particles`` is this device's block of rows, ``n_rows`` the half-set's row count before
@@ -129,20 +142,42 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
     curvature warm-up) would drag the mean back toward the start.
     """
 
-    def terms(params, particles, index, probes):
+    if pose_stage is not None and axis_name is not None:
+        raise NotImplementedError("the pose stage runs on one device per half-set for now")
+
+    def terms(params, batch, probes, reg=None):
+        if axis_name is None and reg is not None:  # dynamic Tikhonov weights (pose-stage runs)
+            data = problem.data_only()
+            value, grad, hvps = value_grad_hvp(params, batch, data, probes)
+            value = value + jnp.sum(reg * params * params)
+            grad = grad + 2.0 * reg * params
+            hvps = None if hvps is None else hvps + 2.0 * reg * probes
+            return value, grad, hvps, lambda p: loss(p, batch, data) + jnp.sum(reg * p * p)
         if axis_name is None:
-            batch = subset(particles, index)
             value, grad, hvps = value_grad_hvp(params, batch, problem, probes)
             return value, grad, hvps, lambda p: loss(p, batch, problem)
-        batch = dist.gather_batch(particles, index, axis_name)
         return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name)
 
-    def step(carry, index, particles, diag, start):
-        (params, opt_state, key), (mean, count) = carry
+    def take(particles, index):
+        return subset(particles, index) if axis_name is None else dist.gather_batch(particles, index, axis_name)
+
+    def step(carry, index, particles, diag, start, poses=None):
+        (params, opt_state, key), (mean, count) = carry[:2]
         key, probe_key = jax.random.split(key)
         extra = {}
         probes = rademacher(probe_key, params, n_probes) if (n_probes and not exact) else None
-        value, grad, hvps, value_fn = terms(params, particles, index, probes)
+        batch = take(particles, index)
+        if pose_stage is not None:  # stage 1: poses of this minibatch against the current map
+            pose_state, pose_args = carry[2], poses
+            key, pose_key = jax.random.split(key)
+            rows = jax.tree.map(lambda x: x[jnp.maximum(index, 0)], pose_state)
+            batch, new_rows = pose_stage(params, batch, rows, pose_key, pose_args)
+            n_state = jax.tree.leaves(pose_state)[0].shape[0]
+            where = jnp.where(index >= 0, index, n_state)  # padding rows: out of bounds, dropped
+            pose_state = jax.tree.map(lambda s, r: s.at[where].set(r.astype(s.dtype), mode="drop"),
+                                      pose_state, new_rows)
+        reg = None if (pose_stage is None or not isinstance(poses, dict)) else poses.get("regularizer")
+        value, grad, hvps, value_fn = terms(params, batch, probes, reg)
         if exact:
             extra["diag_sample"] = diag
         elif probes is not None:
@@ -153,9 +188,11 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         if average:  # running mean of the iterates from step `start` on
             k = jnp.maximum(count - start + 1, 1).astype(params.dtype)
             mean = jnp.where(count >= start, mean + (params - mean) / k, mean)
+        if pose_stage is not None:
+            return ((params, opt_state, key), (mean, count + 1), pose_state), value
         return ((params, opt_state, key), (mean, count + 1)), value
 
-    def epoch(params, opt_state, key, particles, diag=None, average_from=0.0):
+    def epoch(params, opt_state, key, particles, diag=None, average_from=0.0, pose_state=None, pose_args=None):
         n = particles.weight.shape[0] if n_rows is None else n_rows
         key, perm_key = jax.random.split(key)
         order = batched(jax.random.permutation(perm_key, n), batch_size)
@@ -163,6 +200,12 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
             order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
         mean = jnp.zeros_like(params) if average else jnp.zeros((), params.dtype)
         start = jnp.floor(average_from * order.shape[0]).astype(jnp.int32)
+        if pose_stage is not None:
+            ((params, opt_state, key), (mean, _), pose_state), values = jax.lax.scan(
+                lambda c, i: step(c, i, particles, diag, start, pose_args),
+                ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32)), pose_state),
+                order)
+            return (mean if average else params), opt_state, key, values, pose_state
         ((params, opt_state, key), (mean, _)), values = jax.lax.scan(
             lambda c, i: step(c, i, particles, diag, start),
             ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
@@ -207,15 +250,24 @@ def map_groups(fn, interpolation: str, in_axes=0):
 
 
 def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
-                    mesh=None, n_rows: int | None = None, average: bool = False):
+                    mesh=None, n_rows: int | None = None, average: bool = False,
+                    pose_stage: Callable | None = None):
     """(epoch, full_loss) over all half-sets (leading axis G), not yet jitted.
 
     epoch(params, opt_state, keys, stacked, diag, average_from) and full_loss(params, stacked)
+    (with ``pose_stage``, see :func:`make_epoch`: epoch(..., average_from, pose_state, pose_args),
+    pose_state with leading axis G, pose_args shared by the half-sets)
     take ``stacked`` from ``_stack_groups`` (mesh None) or :func:`jaxcryo.distributed.shard_groups`
     (a mesh: rows sharded, ``n_rows`` the half-sets' length before device padding; params,
     optimizer state and keys replicated, e.g. by :func:`jaxcryo.distributed.replicate`).
     """
     over_groups = lambda fn, in_axes=0: map_groups(fn, problem.interpolation, in_axes)  # noqa: E731
+    if pose_stage is not None:
+        if mesh is not None:
+            raise NotImplementedError("the pose stage runs on one device per half-set for now")
+        return (over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
+                                       average=average, pose_stage=pose_stage), (0, 0, 0, 0, 0, None, 0, None)),
+                over_groups(make_full_loss(problem, batch_size)))
     if mesh is None:
         return (over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
                                        average=average), (0, 0, 0, 0, 0, None)),

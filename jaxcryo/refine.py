@@ -1,0 +1,557 @@
+"""Gold-standard 3-D refinement with unknown poses: the reconstruction driver with its pose stage on.
+
+Every minibatch step of :func:`jaxcryo.reconstruct.make_epoch` first runs the pose stage made
+here (:func:`make_pose_stage`): the batch's images are scored against projections of their own
+half-map (gold standard: each half-set only ever sees its own map) over candidate rotations x
+shifts (:mod:`jaxcryo.poses`, dense products), the top K poses of each image are kept with
+their posterior weights (RELION-style marginalisation over the significant poses, with a
+temperature), and the batch is expanded to B x K rows: candidate rotation, image shifted back by
+the candidate shift, weight = particle weight x posterior weight. The volume step (psgd by
+default) then runs unchanged on the expanded batch. Each particle's best pose (rotation, shift,
+posterior probability) is kept in a :class:`PoseState` updated inside the compiled epoch.
+
+Around that compiled epoch, :func:`refine` runs a Python-level schedule (recompiling only when a
+static setting changes): a global search over an SO(3) grid and a shift grid, then local searches
+at halving angular and shift steps around each particle's current pose; the frequency limit of
+the scores follows the half-map FSC resolution plus a margin; a noise spectrum re-estimated
+every epoch from the residuals at the best poses; a soft solvent mask applied to both half-maps
+between epochs; a Wiener prior from the half-map FSC; and a stop when resolution and poses stop
+changing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcryo import poses
+from jaxcryo.curvature import exact_diagonal
+from jaxcryo.forward.ctf import conj_multiply, shift_phase
+from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, volume_to_ft
+from jaxcryo.forward.slicing import FourierGrid
+from jaxcryo.fsc import fsc, resolution
+from jaxcryo.geometry import spherical_mask
+from jaxcryo.loss import Problem, data_loss_sum, forward, subset, sum_over_batches
+from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
+                                 group_functions, make_optimizer, wiener_shell_lam)
+
+__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine",
+           "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
+
+
+class PoseState(NamedTuple):
+    """Each particle's current best pose (leading axis n; with half-sets (G, m, ...)).
+
+    rotations: (n, 3, 3) RELION matrices; shifts_px: (n, 2) shift of the particle beyond the one
+    already undone in its data (same sign as ``render``/``prepare_particles``); max_prob: (n,)
+    posterior probability of the best pose (RELION's rlnMaxValueProbDistribution).
+    """
+
+    rotations: Any
+    shifts_px: Any
+    max_prob: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PoseSearch:
+    """Static settings of one pose stage (hashable: changing one recompiles the epoch).
+
+    mode: 'global' (the whole SO(3) grid of ``order`` x the shift grid of ``max_shift_px`` and
+    ``shift_step_px``) or 'local' ((2 local_n+1)^3 rotations around each particle's pose x
+    (2 shift_n+1)^2 shifts around its shift, at the steps given each epoch in the stage's
+    dynamic ``args``). top_k: poses kept per image; temperature: divides the log-likelihoods
+    before the posterior (> 1 softens it). r_limit: Fourier radius scored (static: it fixes
+    shapes; the stage's ``args["r_mask"]`` can lower it further without recompiling).
+    """
+
+    mode: str = "global"
+    order: int = 2
+    local_n: int = 1
+    max_shift_px: float = 3.0
+    shift_step_px: float = 1.0
+    shift_n: int = 1
+    top_k: int = 4
+    temperature: float = 1.0
+    r_limit: int | None = None
+    interpolation: str = "trilinear"
+    chunk: int = 4096
+
+    def __post_init__(self):
+        if self.mode not in ("global", "local"):
+            raise ValueError(f"mode must be 'global' or 'local', got {self.mode!r}")
+
+
+def _shifted(data, shifts_px, grid: FourierGrid):
+    """Undo candidate shifts t (..., 2) of images (B, P, 2): conj(ramp(t)) * y, (B, ..., P, 2)."""
+    flat = shifts_px.reshape(-1, 2)
+    ramps = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(flat.astype(data.dtype))
+    ramps = ramps.reshape(shifts_px.shape[:-1] + ramps.shape[-2:])
+    y = data.reshape((data.shape[0],) + (1,) * (shifts_px.ndim - 2) + data.shape[1:])
+    return conj_multiply(ramps, y)
+
+
+def make_pose_stage(search: PoseSearch, grid: FourierGrid):
+    """The pose stage of :func:`jaxcryo.reconstruct.make_epoch` for ``search``.
+
+    pose_stage(params, batch, rows, key, args) -> (expanded batch of B*K rows, new rows), with
+    ``rows`` a :class:`PoseState` of the batch and ``args`` a dict of dynamic settings:
+    ``pixel_weights`` ((P,) multiplicity over the noise variance of each pixel, zero beyond the
+    frequency limit) and, for local searches, ``step_deg`` and ``shift_step_px``.
+    """
+    k = search.top_k
+    if search.mode == "global":
+        grid_rot = jnp.asarray(poses.so3_grid(search.order))
+        grid_shift = jnp.asarray(poses.shift_grid(search.max_shift_px, search.shift_step_px))
+
+    def stage(params, batch: Particles, rows: PoseState, key, args):
+        del key
+        dtype = batch.data.dtype
+        b = batch.data.shape[0]
+        c = ctf_batch(batch.ctf, grid, b, dtype)
+        kw = dict(pixel_weights=args["pixel_weights"], r_limit=search.r_limit,
+                  interpolation=search.interpolation, chunk=search.chunk)
+        if search.mode == "global":
+            scores = poses.score_poses(params, batch.data, c, grid_rot.astype(dtype), grid_shift.astype(dtype),
+                                       grid, **kw)
+            i_rot, i_shift, w, max_prob = poses.top_k(scores / search.temperature, k)
+            rot = grid_rot.astype(dtype)[i_rot]
+            shift = grid_shift.astype(dtype)[i_shift]
+        else:
+            cand_rot, cand_shift = local_candidates(rows.rotations.astype(dtype), rows.shifts_px.astype(dtype),
+                                                    args["step_deg"], args["shift_step_px"],
+                                                    search.local_n, search.shift_n)
+            cand_shift = _clip_norm(cand_shift, search.max_shift_px)
+            scores = poses.score_local(params, batch.data, c, cand_rot, cand_shift, grid, **kw)
+            i_rot, i_shift, w, max_prob = poses.top_k(scores / search.temperature, k)
+            rot = jnp.take_along_axis(cand_rot, i_rot[:, :, None, None], axis=1)
+            shift = jnp.take_along_axis(cand_shift, i_shift[:, :, None], axis=1)
+        data = _shifted(batch.data, shift, grid)  # (B, K, P, 2)
+        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), k, axis=0), batch.ctf)
+        expanded = Particles(data=data.reshape((b * k,) + data.shape[2:]), rotations=rot.reshape(b * k, 3, 3),
+                             ctf=ctf, weight=(batch.weight[:, None] * w.astype(dtype)).reshape(b * k))
+        return expanded, PoseState(rot[:, 0], shift[:, 0], max_prob.astype(dtype))
+
+    return stage
+
+
+def local_candidates(rotations, shifts_px, step_deg, shift_step_px, n: int = 1, shift_n: int = 1):
+    """Local search candidates with traced (dynamic) steps: rotations (B, (2n+1)^3, 3, 3) and
+    shifts (B, (2 shift_n+1)^2, 2), laid out as :func:`jaxcryo.poses.local_rotations` and
+    :func:`jaxcryo.poses.local_shifts` (centre at index L // 2), so that halving the steps
+    between epochs does not recompile the epoch."""
+    dtype = rotations.dtype
+    r = np.arange(-int(n), int(n) + 1, dtype=np.float64)
+    cube = jnp.asarray(np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3), dtype)
+    omega = cube * jnp.deg2rad(jnp.asarray(step_deg, dtype))
+    theta = jnp.linalg.norm(omega, axis=-1)[:, None, None]
+    x, y, z = omega[:, 0], omega[:, 1], omega[:, 2]
+    zero = jnp.zeros_like(x)
+    k = jnp.stack([jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1), jnp.stack([-y, x, zero], -1)], -2)
+    safe = jnp.where(theta > 0, theta, 1.0)
+    a = jnp.where(theta > 0, jnp.sin(safe) / safe, 1.0)
+    b = jnp.where(theta > 0, (1 - jnp.cos(safe)) / safe ** 2, 0.5)
+    offsets = jnp.eye(3, dtype=dtype) + a * k + b * (k @ k)
+    s = np.arange(-int(shift_n), int(shift_n) + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(s, s, indexing="ij")
+    grid2 = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1), dtype) * jnp.asarray(shift_step_px, dtype)
+    return jnp.einsum("bij,ljk->blik", rotations, offsets), shifts_px[:, None, :] + grid2[None]
+
+
+def _clip_norm(shifts, max_norm):
+    """Shifts (..., 2) pulled back onto the disk of radius ``max_norm`` pixels."""
+    norm = jnp.linalg.norm(shifts, axis=-1, keepdims=True)
+    return shifts * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+
+
+def rotation_angle_deg(a, b):
+    """Angle (degrees) of the rotation between matrices a and b (..., 3, 3)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = (np.einsum("...ij,...ij->...", a, b) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def lowpass(volume, pixel_size_angstrom: float, resolution_angstrom: float, edge_shells: float = 2.0):
+    """Real (N, N, N) map low-passed to ``resolution_angstrom`` with a raised-cosine edge."""
+    v = np.asarray(volume, np.float64)
+    n = v.shape[0]
+    k = np.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
+    cut = n * pixel_size_angstrom / resolution_angstrom
+    edge = np.clip((r - cut) / edge_shells + 0.5, 0.0, 1.0)
+    filt = 0.5 + 0.5 * np.cos(np.pi * edge)
+    return np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape).astype(np.float32)
+
+
+def resample_map(volume, pixel_size_angstrom: float, box: int, target_pixel_size_angstrom: float):
+    """A map at another voxel size and box: Fourier crop/pad to the new voxel size, then
+    real-space crop/pad about the centre N//2 to ``box``.
+
+    Raises ValueError when the voxel sizes differ by a ratio that no whole number of Fourier
+    pixels gives to within 0.5% (resample the reference yourself, e.g. relion_image_handler).
+    """
+    v = np.asarray(volume, np.float64)
+    n = v.shape[0]
+    if abs(pixel_size_angstrom - target_pixel_size_angstrom) > 1e-4 * target_pixel_size_angstrom:
+        m = int(round(n * pixel_size_angstrom / target_pixel_size_angstrom))
+        if m < 4 or abs(m * target_pixel_size_angstrom - n * pixel_size_angstrom) > 0.005 * n * pixel_size_angstrom:
+            raise ValueError(f"cannot resample a {n}^3 map of {pixel_size_angstrom:g} A/px to "
+                             f"{target_pixel_size_angstrom:g} A/px by whole Fourier pixels")
+        f = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(v)))
+        out = np.zeros((m, m, m), complex)
+        lo = min(n, m)
+        so, sd = n // 2 - lo // 2, m // 2 - lo // 2
+        out[sd:sd + lo, sd:sd + lo, sd:sd + lo] = f[so:so + lo, so:so + lo, so:so + lo]
+        v = np.real(np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out)))) * (m / n) ** 3
+        n = m
+    if n != box:
+        out = np.zeros((box, box, box))
+        lo = min(n, box)
+        so, sd = n // 2 - lo // 2, box // 2 - lo // 2
+        out[sd:sd + lo, sd:sd + lo, sd:sd + lo] = v[so:so + lo, so:so + lo, so:so + lo]
+        v = out
+    return v.astype(np.float32)
+
+
+def _apply_mask(params, mask, interpolation):
+    """Both half-maps' Fourier pairs (G, N, N, H, 2) times a real-space mask."""
+    def one(p):
+        return volume_to_ft(ft_to_volume(p, interpolation) * mask, interpolation)
+    return jax.vmap(one)(params)
+
+
+# ----------------------------------------------------------------------------- noise and scale
+
+
+def _pixel_shells(grid: FourierGrid) -> np.ndarray:
+    return np.rint(np.linalg.norm(grid.freqs, axis=-1)).astype(np.int64)
+
+
+def _shell_power(params, particles: Particles, problem: Problem, batch_size: int):
+    """Sum over particles (weighted) and pixels of each shell of |y - c A v|^2 (|y|^2 for
+    params None), (r_max + 1,)."""
+    grid = problem.grid
+    shells = jnp.asarray(_pixel_shells(grid))
+    n_shells = grid.radius + 1
+
+    def one(b):
+        r = b.data if params is None else b.data - forward(params, b, problem)
+        power = jnp.sum(r * r, -1) * b.weight[:, None]  # (B, P)
+        return jnp.zeros(n_shells, r.dtype).at[shells].add(jnp.sum(power, 0))
+
+    return sum_over_batches(one, particles, batch_size, jnp.zeros(n_shells, particles.data.dtype))
+
+
+def _shell_counts(grid: FourierGrid, n_particles: float):
+    return np.maximum(np.bincount(_pixel_shells(grid), minlength=grid.radius + 1) * n_particles, 1e-12)
+
+
+def noise_spectrum(params, particles: Particles, problem: Problem, batch_size: int = 256):
+    """Mean power per pixel, E|noise|^2, in each shell (r_max + 1,): of the residuals at the
+    particles' poses, or with ``params`` None of the images themselves (an upper bound on the
+    noise, used before a map fits them)."""
+    total = jax.jit(_shell_power, static_argnums=(2, 3))(params, particles, problem, batch_size)
+    return np.asarray(total, np.float64) / _shell_counts(problem.grid, float(np.sum(np.asarray(particles.weight))))
+
+
+def _pixel_weights(sigma2, grid: FourierGrid, dtype):
+    """multiplicity / sigma^2 per pixel (sigma^2 = E|noise|^2 of a pixel): the log-likelihood
+    -sum w |y - cPv|^2 / 2 is then the real-space Gaussian one (see :mod:`jaxcryo.poses`)."""
+    s = np.maximum(np.asarray(sigma2, np.float64), 1e-30)
+    w = grid.multiplicity / s[np.minimum(_pixel_shells(grid), len(s) - 1)]
+    return jnp.asarray(w, dtype)
+
+
+def _reference_scale(init_ft, particles: Particles, grid: FourierGrid, interpolation: str, cut_shell: float,
+                     n_sample: int = 256, seed: int = 0):
+    """Scale that makes the reference's projections carry the images' signal power below ``cut_shell``.
+
+    The images' power minus a white-noise floor (their mean power in the outer third of the
+    disk) is matched with the mean power of CTF-modulated projections at random poses.
+    """
+    from jaxcryo.geometry import random_rotations
+
+    n = particles.data.shape[0]
+    sample = subset(particles, jnp.arange(min(n, n_sample)))
+    shells = _pixel_shells(grid)
+    y2 = np.asarray(jnp.sum(sample.data ** 2, -1))  # (B, P)
+    floor = float(y2[:, shells > 0.66 * grid.radius].mean()) if np.any(shells > 0.66 * grid.radius) else 0.0
+    rot = random_rotations(jax.random.PRNGKey(seed + 7), sample.data.shape[0], sample.data.dtype)
+    model = slices(jnp.asarray(init_ft), rot, grid, interpolation)
+    model = model * ctf_batch(sample.ctf, grid, rot.shape[0], model.dtype)[..., None]
+    m2 = np.asarray(jnp.sum(model ** 2, -1))
+    low = (shells >= 1) & (shells <= cut_shell)
+    signal = max(float(y2[:, low].mean()) - floor, 0.0)
+    model_power = float(m2[:, low].mean())
+    if model_power <= 0 or signal <= 0:
+        return 1.0
+    return math.sqrt(signal / model_power)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+class RefineState(NamedTuple):
+    """Everything needed to continue a refinement: the reconstruction state (its history holds
+    the schedule) and each half-set's poses (a :class:`PoseState` with leading axes (G, m))."""
+
+    recon: ReconState
+    poses: PoseState
+
+
+class Refinement(NamedTuple):
+    """Result of :func:`refine`: the :class:`~jaxcryo.reconstruct.Reconstruction` and per-particle
+    poses in the input's row order: rotations (n, 3, 3), shifts_px (n, 2) beyond the shift
+    already undone in the data, max_prob (n,), half_set (n,) 1 or 2; state: final RefineState."""
+
+    reconstruction: Reconstruction
+    rotations: np.ndarray
+    shifts_px: np.ndarray
+    max_prob: np.ndarray
+    half_set: np.ndarray
+    state: RefineState
+
+
+def _best_pose_particles(stacked: Particles, pose_state: PoseState, grid: FourierGrid) -> Particles:
+    """Each half-set's particles at their current best pose (rotation and shift applied)."""
+    data = jax.vmap(lambda d, t: _shifted(d, t[:, None, :], grid)[:, 0])(stacked.data, pose_state.shifts_px)
+    return stacked._replace(data=data, rotations=pose_state.rotations.astype(stacked.data.dtype))
+
+
+def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: float,
+           initial_lowpass_angstrom: float = 40.0, diameter_angstrom: float | None = None, mask=None,
+           local: bool = False, epochs: int = 12, min_epochs: int = 3, batch_size: int = 128,
+           method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
+           global_order: int = 2, global_epochs: int = 2, max_shift_px: float | None = None,
+           shift_step_px: float = 1.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
+           min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
+           lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
+           resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
+           symmetry: str = "C1") -> Refinement:
+    """Gold-standard refinement of a map and the particles' poses.
+
+    Args:
+      particles: :class:`Particles` whose ``data`` have any prior shift already undone (zeros
+        for a global search) and whose ``rotations`` are the priors used with ``local``.
+      reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
+        :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` and, with
+        ``scale_reference``, scaled to the images' signal power.
+      diameter_angstrom: soft spherical solvent mask diameter (default: the box less 6 px);
+        ``mask`` (real (box,)*3, values 0..1) replaces it.
+      local: start from the particles' rotations (local searches only, no global search).
+      epochs: at most this many epochs; the run stops earlier (after ``min_epochs``) when the
+        sampling is at its finest and neither the resolution nor the poses changed (resolution
+        gained under 1% and mean pose change under half the angular step).
+      global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
+        global search; max_shift_px (default box/8), shift_step_px: its shift grid.
+      local_step_deg: first local angular step (default half the global step); each later
+        epoch halves the angular and shift steps down to ``min_step_deg`` / ``min_shift_step_px``
+        (no finer than the resolution needs: atan(resolution / diameter) / 2).
+      top_k, temperature: poses kept per image and the posterior temperature.
+      margin_shells: Fourier shells scored beyond the current half-map resolution.
+      method, batch_size, lam, n_probes, interpolation, seed: the volume step, as
+        :func:`jaxcryo.reconstruct.reconstruct`.
+      resume, callback: continue from / receive a :class:`RefineState` after every epoch.
+      symmetry: only 'C1' for now (accepted so that the CLI flag passes through).
+    Returns:
+      :class:`Refinement`. Its reconstruction's history has, per epoch: ``epoch``, ``loss`` (at
+      the best poses), ``seconds``, ``resolution_angstrom``, ``angular_step_deg``,
+      ``shift_step_px``, ``r_limit``, ``mean_pose_change_deg``, ``mode``.
+    """
+    if str(symmetry).upper() != "C1":
+        raise NotImplementedError("symmetry other than C1 is not available in refine yet")
+    grid = FourierGrid(box)
+    dtype = particles.data.dtype
+    max_shift_px = box / 8.0 if max_shift_px is None else float(max_shift_px)
+    diameter_angstrom = (box - 6) * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
+    if mask is None:
+        mask = spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom, soft_width=3.0)
+    mask = jnp.asarray(mask, dtype)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    key = jax.random.PRNGKey(seed)
+    split_key, key = jax.random.split(key)
+    n = particles.weight.shape[0]
+    groups = _split_halves(split_key, n, True)
+    stacked = _stack_groups(particles, groups)
+    g, m = groups.shape
+    batch_size = int(min(batch_size, m))
+    steps_per_epoch = -(-m // batch_size)
+    if isinstance(method, str):
+        tx = make_optimizer(method, box=box, r_max=grid.radius, warmup=int(min(8, steps_per_epoch // 4)),
+                            n_probes=n_probes, seed=seed)
+        exact, probes = method == "psgd-exact", (n_probes if method == "psgd" else 0)
+    else:
+        tx, exact, probes = optax.with_extra_args_support(method), False, n_probes
+    global_step = poses.angular_step_deg(global_order)
+    first_local = global_step / 2 if local_step_deg is None else float(local_step_deg)
+
+    if resume is None:
+        ref = lowpass(reference, pixel_size_angstrom, initial_lowpass_angstrom) * np.asarray(mask)
+        init = volume_to_ft(jnp.asarray(ref, dtype), interpolation)
+        lp_shell = box * pixel_size_angstrom / initial_lowpass_angstrom
+        if scale_reference:
+            init = init * _reference_scale(init, particles, grid, interpolation, lp_shell, seed=seed)
+        params = jnp.stack([init] * g)
+        opt_state = jax.vmap(tx.init)(params)
+        eye = jnp.broadcast_to(jnp.eye(3, dtype=dtype), (g, m, 3, 3))
+        pose_state = PoseState(stacked.rotations if local else eye, jnp.zeros((g, m, 2), dtype),
+                               jnp.zeros((g, m), dtype))
+        history = {"epoch": [], "loss": [], "seconds": [], "resolution_angstrom": [], "angular_step_deg": [],
+                   "shift_step_px": [], "r_limit": [], "mean_pose_change_deg": [], "mode": [],
+                   "sigma2": [noise_spectrum(None, particles, problem).tolist()],
+                   "next": [{"mode": "local" if local else "global", "step_deg": first_local,
+                             "shift_step_px": shift_step_px if local else shift_step_px,
+                             "r_limit": float(min(grid.radius, math.ceil(lp_shell) + margin_shells)),
+                             "global_left": 0 if local else global_epochs}]}
+        state = RefineState(ReconState(0, params, opt_state, jax.random.split(key, g), history), pose_state)
+    else:
+        state = resume
+    rec = state.recon
+    history = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in rec.history.items()}
+    params, opt_state, keys, pose_state = rec.params, rec.opt_state, rec.key, state.poses
+    if history.get("shell_lam"):
+        problem = dataclasses.replace(problem, shell_lam=tuple(history["shell_lam"][-1]))
+    compiled = {}
+
+    def epoch_fn(search, prob, *args):
+        """The compiled epoch for these static settings (compiled ahead, its time recorded)."""
+        tag = (search, prob)
+        if tag not in compiled:
+            fn, _ = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
+                                    pose_stage=make_pose_stage(search, grid))
+            t0 = time.perf_counter()
+            compiled.clear()  # one compiled epoch at a time: the schedule never goes back
+            compiled[tag] = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
+            history["compile_seconds"] += time.perf_counter() - t0
+        return compiled[tag]
+
+    volume_problem = problem.data_only()  # the Tikhonov weights come in as a dynamic argument
+    quantum = max(2, grid.radius // 6)
+    pixel_radius = np.linalg.norm(grid.freqs, axis=-1)
+
+    def r_mask(r_limit):
+        return jnp.asarray(pixel_radius <= r_limit + 1e-6, dtype)
+
+    data_problem = problem.data_only()
+    diag_problem = (dataclasses.replace(data_problem, interpolation="nearest") if interpolation == "nufft"
+                    else data_problem)
+
+    @jax.jit
+    def statistics(params, pose_state):
+        """At each half-set's best poses: exact data diagonal, residual power per shell, data loss."""
+        best = _best_pose_particles(stacked, pose_state, grid)
+        diag = jax.vmap(lambda p: exact_diagonal(p, diag_problem, batch_size, dtype))(best)
+        power = jax.vmap(lambda v, p: _shell_power(v, p, data_problem, batch_size))(params, best)
+        total, weight = jax.vmap(lambda v, p: data_loss_sum(v, p, data_problem, batch_size))(params, best)
+        return diag, power, total / jnp.maximum(weight, 1e-12)
+
+    elapsed = history["seconds"][-1] if history["seconds"] else 0.0
+    history.setdefault("compile_seconds", 0.0)
+    for epoch in range(rec.epoch + 1, epochs + 1):
+        plan = dict(history["next"][-1])
+        if plan.get("stop"):
+            break
+        t0 = time.perf_counter()
+        mode = "global" if plan["global_left"] > 0 else "local"
+        # Static settings change rarely (mode; the frequency limit in steps of `quantum` shells);
+        # the exact limit, steps, noise and prior are dynamic arguments.
+        r_static = int(min(grid.radius, quantum * math.ceil(plan["r_limit"] / quantum)))
+        search = PoseSearch(mode=mode, order=global_order, max_shift_px=max_shift_px,
+                            shift_step_px=shift_step_px, top_k=top_k, temperature=temperature,
+                            r_limit=r_static, interpolation=interpolation)
+        sigma2 = np.asarray(history["sigma2"][-1])
+        reg = jnp.broadcast_to(problem.regularizer(dtype), grid.volume_shape + (1,))
+        args = {"pixel_weights": _pixel_weights(sigma2, grid, dtype) * r_mask(plan["r_limit"]),
+                "step_deg": jnp.asarray(plan["step_deg"], dtype),
+                "shift_step_px": jnp.asarray(plan["shift_step_px"], dtype), "regularizer": reg}
+        diag = None
+        if exact:
+            diag = statistics(params, pose_state)[0] + 2.0 * reg
+        before = np.asarray(pose_state.rotations)
+        average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)
+        inputs = (params, opt_state, keys, stacked, diag, average_from, pose_state, args)
+        t1 = time.perf_counter()
+        fn = epoch_fn(search, volume_problem, *inputs)
+        t0 += time.perf_counter() - t1  # compilation is not run time
+        params, opt_state, keys, _, pose_state = fn(*inputs)
+        params = _apply_mask(params, mask, interpolation)
+        jax.block_until_ready(params)
+        change = rotation_angle_deg(before, np.asarray(pose_state.rotations))
+        real = groups >= 0
+        mean_change = float(change[real].mean())
+        # Gold-standard bookkeeping from the half-maps: resolution, Wiener prior, noise.
+        maps = [np.asarray(ft_to_volume(p, interpolation)) for p in params]
+        curve = fsc(*maps)
+        res = resolution(curve, pixel_size_angstrom)
+        data_diag, power, data_loss = statistics(params, pose_state)
+        value = float(jnp.mean(data_loss + jnp.sum(problem.regularizer(dtype) * params * params,
+                                                   axis=tuple(range(1, params.ndim)))))
+        shell_lam = wiener_shell_lam(curve, np.asarray(data_diag), box, r_max=grid.radius)
+        problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
+        sig = np.asarray(power).sum(0) / _shell_counts(grid, float(np.sum(groups >= 0)))
+        elapsed += time.perf_counter() - t0
+
+        res_shell = box * pixel_size_angstrom / res
+        history["epoch"].append(epoch)
+        history["loss"].append(value)
+        history["seconds"].append(elapsed)
+        history["resolution_angstrom"].append(float(res))
+        history["angular_step_deg"].append(float(global_step if mode == "global" else plan["step_deg"]))
+        history["shift_step_px"].append(float(shift_step_px if mode == "global" else plan["shift_step_px"]))
+        history["r_limit"].append(float(plan["r_limit"]))
+        history["mean_pose_change_deg"].append(mean_change)
+        history["mode"].append(mode)
+        history["sigma2"].append(sig.tolist())
+        history.setdefault("shell_lam", []).append(list(problem.shell_lam))
+        history["fsc"] = curve.tolist()
+
+        # The next epoch's plan.
+        nxt = dict(plan)
+        nxt["r_limit"] = float(min(grid.radius, math.ceil(res_shell) + margin_shells))
+        needed = math.degrees(math.atan(res / max(diameter_angstrom, 1e-6))) / 2
+        floor_step = max(min_step_deg, needed)
+        if mode == "global":
+            nxt["global_left"] = plan["global_left"] - 1
+            finer = False
+        else:
+            finer = plan["step_deg"] / 2 >= floor_step * 0.999 or plan["shift_step_px"] / 2 >= min_shift_step_px
+            if plan["step_deg"] / 2 >= floor_step * 0.999:
+                nxt["step_deg"] = plan["step_deg"] / 2
+            if plan["shift_step_px"] / 2 >= min_shift_step_px:
+                nxt["shift_step_px"] = plan["shift_step_px"] / 2
+        prev_res = history["resolution_angstrom"][-2] if len(history["resolution_angstrom"]) > 1 else float("inf")
+        settled = (mode == "local" and not finer and res > 0.99 * prev_res
+                   and mean_change < 0.5 * plan["step_deg"] and epoch >= min_epochs)
+        nxt["stop"] = bool(settled)
+        history["next"].append(nxt)
+        state = RefineState(ReconState(epoch, params, opt_state, keys, history), pose_state)
+        if callback is not None:
+            callback(state)
+
+    state = RefineState(ReconState(state.recon.epoch if history["epoch"] else 0, params, opt_state, keys, history),
+                        pose_state)
+    recon = finish(state.recon, interpolation, pixel_size_angstrom)
+    return Refinement(recon, *_unstack_poses(pose_state, groups, n), state)
+
+
+def _unstack_poses(pose_state: PoseState, groups, n: int):
+    rot = np.zeros((n, 3, 3), np.float32)
+    shift = np.zeros((n, 2), np.float32)
+    prob = np.zeros(n, np.float32)
+    half = np.zeros(n, np.int64)
+    for gi, rows in enumerate(np.asarray(groups)):
+        keep = rows >= 0
+        rot[rows[keep]] = np.asarray(pose_state.rotations[gi])[keep]
+        shift[rows[keep]] = np.asarray(pose_state.shifts_px[gi])[keep]
+        prob[rows[keep]] = np.asarray(pose_state.max_prob[gi])[keep]
+        half[rows[keep]] = gi + 1
+    return rot, shift, prob, half
