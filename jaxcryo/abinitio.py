@@ -51,6 +51,7 @@ __all__ = ["AbInitioState", "AbInitio", "abinitio", "schedule", "initial_volume"
            "flip_rotations", "global_alignment", "pose_errors_deg", "adaptive_temperature"]
 
 MIRROR = np.diag([1.0, 1.0, -1.0])
+_COMPILED: dict = {}  # compiled epochs of named methods, shared by runs with the same static settings
 
 
 class AbInitioState(NamedTuple):
@@ -207,7 +208,7 @@ def initial_volume(box: int, pixel_size_angstrom: float, *, diameter_angstrom: f
     r = np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + kx[None, None, :] ** 2)
     cut = box * pixel_size_angstrom / resolution_angstrom
     filt = np.exp(-0.5 * (r / max(cut, 1.0)) ** 2)
-    v = np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape)
+    v = np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape, axes=(0, 1, 2))
     return (v / np.abs(v).max()).astype(np.float32)
 
 
@@ -438,16 +439,23 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         args = {"pixel_weights": jnp.asarray(small.multiplicity * inside / sigma2, dtype),
                 "target_fraction": jnp.asarray(s["target_fraction"], dtype)}
         inputs = (params, opt_state, key, cropped, pose_rows, args)
-        if tag not in compiled:
+        # A named method's transform is a function of these settings only, so its compiled epoch
+        # can be reused by a later run (a resume, a second seed) in the same process.
+        shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(inputs))
+        tag = tag + (problem, n_samples, interpolation, probes, exact, shapes)
+        cache = _COMPILED if isinstance(method, str) else compiled
+        tag = tag + ((method, n_probes) if isinstance(method, str) else ())  # the seed only sets initial states
+        if tag not in cache:
             stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
                                     shift_step_px=s["shift_step_px"], n_samples=n_samples,
                                     interpolation=interpolation)
             fn = _make_epoch(problem, tx, stage, batch_size=int(s["batch_size"]), n_probes=probes, exact=exact)
-            compiled.clear()
-            compiled[tag] = jax.jit(fn).lower(*inputs).compile()
+            if len(cache) > 16:
+                cache.clear()
+            cache[tag] = jax.jit(fn).lower(*inputs).compile()
             history["compile_seconds"][0] += time.perf_counter() - t0
             t0 = time.perf_counter()
-        params, opt_state, key, pose_rows, values, temps = compiled[tag](*inputs)
+        params, opt_state, key, pose_rows, values, temps = cache[tag](*inputs)
         params = masked(params)
         jax.block_until_ready(params)
         elapsed = (history["seconds"][-1] if history["seconds"] else 0.0) + time.perf_counter() - t0
