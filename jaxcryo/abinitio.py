@@ -467,7 +467,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         history["batch_size"].append(int(s["batch_size"]))
         history["angular_step_deg"].append(poses.angular_step_deg(s["order"]))
         history["temperature"].append(float(jnp.mean(temps)))
-        state = AbInitioState(e + 1, params, opt_state, key, *pose_rows, history)
+        state = AbInitioState(e + 1, params, opt_state, key, *pose_rows, {k: list(v) for k, v in history.items()})
         if callback is not None:
             callback(state)
 
