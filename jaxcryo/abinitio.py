@@ -13,7 +13,11 @@ the volume step. Every minibatch step is the two stages of the refine driver:
    image are **drawn** from that posterior (with replacement, weight 1/K each), so that the
    minibatch loss over the B x K rows is an unbiased estimate of the posterior-expected loss.
 2. **volume step**: the optax transform (psgd by default: Hutchinson diagonal, Armijo step)
-   on that expanded batch, exactly as in :func:`jaxcryo.reconstruct.reconstruct`.
+   on that expanded batch, as in :func:`jaxcryo.reconstruct.reconstruct`, with the gradient
+   restricted to the Fourier shells inside the current limit (+1): a preconditioner equalises
+   the shells' step sizes, so without this restriction psgd fits high frequencies from wrong
+   early poses at once and locks into a bad map (measured; plain SGD's small high-frequency
+   curvature hides the problem by learning them slowly).
 
 Around the compiled epoch a schedule (:func:`schedule`) marches the frequency limit from
 ``start_resolution_angstrom`` (35 A) to ``final_resolution_angstrom`` (about 12-15 A; never
@@ -43,7 +47,7 @@ from jaxcryo.curvature import batch_exact_diagonal, rademacher
 from jaxcryo.forward.ctf import conj_multiply, shift_phase
 from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, volume_to_ft
 from jaxcryo.forward.slicing import FourierGrid
-from jaxcryo.geometry import random_rotations, spherical_mask
+from jaxcryo.geometry import random_rotations, spherical_mask, volume_radius
 from jaxcryo.loss import Problem, batched, loss, subset, value_grad_hvp
 from jaxcryo.reconstruct import ReconState, make_optimizer
 
@@ -324,6 +328,7 @@ def _make_epoch(problem: Problem, tx, stage, *, batch_size: int, n_probes: int, 
         pose_rows = jax.tree.map(lambda s, r: s.at[where].set(r.astype(s.dtype), mode="drop"), pose_rows, new_rows)
         probes = rademacher(probe_key, params, n_probes) if (n_probes and not exact) else None
         value, grad, hvps = value_grad_hvp(params, expanded, problem, probes)
+        grad = grad * args["volume_mask"]  # only shells inside the current limit move
         extra = {}
         if exact:
             extra["diag_sample"] = batch_exact_diagonal(expanded, problem.data_only(), params.dtype) \
@@ -437,6 +442,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         cropped = _crop(particles, full, small)
         inside = np.linalg.norm(small.freqs, axis=-1) <= s["r_limit"] + 1e-6
         args = {"pixel_weights": jnp.asarray(small.multiplicity * inside / sigma2, dtype),
+                "volume_mask": jnp.asarray((volume_radius(box) <= s["r_limit"] + 1.0)[..., None], dtype),
                 "target_fraction": jnp.asarray(s["target_fraction"], dtype)}
         inputs = (params, opt_state, key, cropped, pose_rows, args)
         # A named method's transform is a function of these settings only, so its compiled epoch
