@@ -13,6 +13,7 @@ from jaxcryo.loss import Problem, loss, value_grad_hvp
 from jaxcryo.optim import armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
 from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
 from jaxcryo.refine import Refinement, RefineState, refine
+from jaxcryo.abinitio import AbInitio, AbInitioState, abinitio, flip_hand
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
 
 __version__ = "0.1.0"
@@ -24,5 +25,5 @@ __all__ = [
     "euler_to_matrix", "matrix_to_euler", "random_rotations", "Problem", "loss", "value_grad_hvp",
     "armijo", "precon_sgd", "scale_by_diagonal", "scale_by_hutchinson", "METHODS", "ReconState",
     "Reconstruction", "make_optimizer", "reconstruct", "simulate_particles", "synthetic_molecule",
-    "Refinement", "RefineState", "refine",
+    "Refinement", "RefineState", "refine", "AbInitio", "AbInitioState", "abinitio", "flip_hand",
 ]
