@@ -170,7 +170,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     nyquist_shell = box // 2 - 1
     final = max(12.0, 2.5 * pixel_size_angstrom) if final_resolution_angstrom is None else final_resolution_angstrom
     start = max(start_resolution_angstrom, final)
-    max_shift_px = box / 10.0 if max_shift_px is None else float(max_shift_px)
+    max_shift_px = box / 6.0 if max_shift_px is None else float(max_shift_px)
     r0 = min(nyquist_shell, box * pixel_size_angstrom / start)
     r1 = min(nyquist_shell, box * pixel_size_angstrom / final)
     levels = max(1, int(levels))
@@ -380,7 +380,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
       fine_from: fraction of the march after which the SO(3) grid is 15 deg (> 1: 30 deg always).
       method: 'psgd' (Hutchinson diagonal), 'psgd-exact' (the exact posterior-weighted
         diagonal of each minibatch), 'sgd', 'adam' or an optax transform.
-      max_shift_px: shift search radius (default box / 10).
+      max_shift_px: shift search radius in pixels (default box / 6).
       lam: Tikhonov weight.
       classes, symmetry: only 1 and 'C1' for now.
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.

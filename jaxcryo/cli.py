@@ -717,7 +717,7 @@ def _abinitio(args) -> int:
                     "epochs": args.epochs, "start_resolution": args.start_resolution,
                     "final_resolution": args.final_resolution, "batch_size": args.batch_size,
                     "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
-                    "symmetry": args.symmetry, "classes": args.classes}
+                    "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift}
         resume = None
         if os.path.exists(ckpt):
             saved_state, saved = load_checkpoint(ckpt)
@@ -754,6 +754,7 @@ def _abinitio(args) -> int:
                       diameter_angstrom=args.diameter, start_resolution_angstrom=args.start_resolution,
                       final_resolution_angstrom=args.final_resolution, batch_size=args.batch_size,
                       max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
+                      max_shift_px=args.max_shift,
                       callback=on_epoch, classes=args.classes, symmetry=args.symmetry)
     epochs_bar.close()
     del particles
@@ -959,6 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="last frequency limit (Angstrom; default max(12, 2.5 pixels))")
     ab.add_argument("--batch-size", type=pos_int, default=64, metavar="B", help="first minibatch size")
     ab.add_argument("--max-batch-size", type=pos_int, default=256, metavar="B", help="last minibatch size")
+    ab.add_argument("--max-shift", type=pos_float, default=None, metavar="PX",
+                    help="shift search radius in pixels (default: a sixth of the box)")
     ab.add_argument("--method", choices=METHODS, default="psgd", help="optimizer of the volume step")
     ab.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (start, shuffles, pose draws)")
     ab.add_argument("--resume", action="store_true",
