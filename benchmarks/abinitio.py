@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     report = run(args.size, args.methods, args.seeds)
     os.makedirs(args.out, exist_ok=True)
-    tag = f"abinitio_{args.size}" + ("" if report["machine"]["backend"] == "cpu" else f"_{report['machine']['backend']}")
+    backend = report["machine"]["backend"]
+    tag = f"abinitio_{args.size}" + ("" if backend == "cpu" else f"_{backend}")
     with open(os.path.join(args.out, tag + ".json"), "w") as fh:
         json.dump(report, fh, indent=1)
     text = table(report)
