@@ -11,13 +11,15 @@ from jaxcryo.fsc import fsc, fsc_ft, resolution
 from jaxcryo.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from jaxcryo.loss import Problem, loss, value_grad_hvp
 from jaxcryo.optim import armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
-from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
 from jaxcryo.refine import Refinement, RefineState, refine
 from jaxcryo.abinitio import AbInitio, AbInitioState, abinitio, flip_hand
+from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
 
 __version__ = "0.1.0"
 __all__ = [
+    "Refinement", "RefineState", "refine",
+    "AbInitio", "AbInitioState", "abinitio", "flip_hand",
     "condition_by_radius", "exact_diagonal", "hutchinson_diagonal", "hvp", "power_iteration",
     "radial_profile", "rademacher", "shell_spread", "CTFParams", "FourierGrid", "Particles",
     "backproject", "ft_to_images", "ft_to_volume", "images_to_ft", "make_ctf_params",
@@ -25,5 +27,4 @@ __all__ = [
     "euler_to_matrix", "matrix_to_euler", "random_rotations", "Problem", "loss", "value_grad_hvp",
     "armijo", "precon_sgd", "scale_by_diagonal", "scale_by_hutchinson", "METHODS", "ReconState",
     "Reconstruction", "make_optimizer", "reconstruct", "simulate_particles", "synthetic_molecule",
-    "Refinement", "RefineState", "refine", "AbInitio", "AbInitioState", "abinitio", "flip_hand",
 ]

@@ -527,7 +527,7 @@ def _refine(args) -> int:
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
                                   load_particles, open_particles, plan_memory, save_checkpoint,
                                   write_refined_particles)
-    from jaxcryo.refine import PoseState, RefineState, resample_map
+    from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
@@ -536,7 +536,13 @@ def _refine(args) -> int:
     star_out = f"{root}_particles.star"
     t_start = time.perf_counter()
     if str(args.symmetry).upper() != "C1":
-        raise InputError(f"--symmetry {args.symmetry}: refine handles C1 only for now")
+        from jaxcryo.loss import Problem
+        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
+            raise InputError(f"--symmetry {args.symmetry}: this build handles C1 only")
+        try:
+            Problem(grid=FourierGrid(4), symmetry=args.symmetry)
+        except ValueError as err:
+            raise InputError(f"--symmetry {args.symmetry}: {err}") from None
     table, stack = open_particles(args.star, require_poses=args.local)
     with stack:
         note = stack.pixel_size_note()
@@ -572,14 +578,19 @@ def _refine(args) -> int:
         if args.diameter is not None and args.diameter > box * px:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
         plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size)
+        scratch = pose_stage_bytes(min(args.batch_size, n), box, global_order=args.global_order, top_k=args.top_k,
+                                   interpolation=args.interpolation)
+        needed = plan.in_memory_bytes + scratch
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
         _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
                    f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
-                   f"searches, at most {args.epochs} epochs; memory needed about {plan.describe()}, "
+                   f"searches, at most {args.epochs} epochs; memory needed about {format_bytes(needed)} "
+                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch), "
                    f"limit {format_bytes(limit)}")
-        if plan.in_memory_bytes > limit:
-            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)}, "
-                             f"above the limit of {format_bytes(limit)}; raise --max-memory-gb")
+        if needed > limit:
+            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, above the "
+                             f"limit of {format_bytes(limit)}; lower --batch-size or --global-order, or raise "
+                             "--max-memory-gb")
 
         import hashlib
         with open(table.star_path, "rb") as fh:
@@ -913,8 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "its high-resolution detail cannot bias the poses")
     ref.add_argument("--diameter", type=pos_float, default=None, metavar="A",
                      help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
-    ref.add_argument("--mask", default=None, metavar="MASK.mrc", help="solvent mask (values 0..1) instead of the sphere")
-    ref.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
+    ref.add_argument("--mask", default=None, metavar="MASK.mrc",
+                     help="solvent mask (values 0..1) instead of the sphere")
+    ref.add_argument("--symmetry", default="C1", metavar="SYM",
+                     help="point group of the map (RELION symbols: C1, C4, D2, T, O, I, ...)")
     ref.add_argument("--local", action="store_true",
                      help="start from the STAR's poses (local searches only) instead of a global search")
     ref.add_argument("--epochs", type=pos_int, default=12, metavar="E", help="at most this many epochs")

@@ -28,20 +28,28 @@ shift t0 they were prepared with (t0 = rlnOriginX/YAngst / pixel size). A score 
 compares them with the projection translated by -t; the particle's refined origin is
 **t0 + t** (pixels; times the pixel size for rlnOriginX/YAngst).
 
+Slicing here reads a centred full Fourier cube of edge D = 2 (ceil(r_limit) + 1) + 1 built
+once per call from the half volume (one base index per pixel, constant corner offsets, no
+fold); it equals :func:`jaxcryo.forward.model.slices` (tested) and is about twice as fast.
+
 Memory (float32, 4 bytes per number) of :func:`score_poses` with B images, S shifts, M
-rotations, P' pixels and chunk size C = min(chunk, M):
+rotations, P' pixels and chunk size C = min(chunk, M), trilinear:
 
-    4 * [ 2 B S P'              shifted, weighted images (kept for the whole scan)
-        + C P' (2 + 2 + 3K)     projections, their power, slice stencil (K = 8 trilinear, 1 nearest)
-        + 2 C P' K              gathered voxels before interpolation
-        + B S C                 one chunk of scores
-        + 2 B S M ]             all scores, and their (B, M, S) transpose
+    4 bytes * ( 2 B S P'      shifted, CTF- and noise-weighted images (kept for the whole scan)
+              + ~40 C P'      one chunk's slices: coordinates, 8 weights, 8 gathered pairs
+              + B S C         one chunk's cross term
+              + 2 B S M       all scores and their (B, M, S) transpose
+              + 2 D^3 )       the cube
 
-so it grows like B*S*(P' + M) and, through the chunk, like C*P'. :func:`score_local` holds
-for each chunk of Bc = max(1, chunk // L) images Bc*L*P'*(4 + 5K) numbers plus 2*Bc*Ls*P'.
+(nearest: ~10 C P' for the slices). So it grows like B*S*(P' + M) and, through the chunk,
+like C*P'; choose C so that 40 C P' fits beside the B*S*M output. Example: B = 128, S = 13,
+M = 36864 (7.5 degrees), r_limit = 32 (P' ~ 1600), C = 4096: 21 MB + 1 GB + 27 MB + 490 MB.
+:func:`score_local` holds, per chunk of Bc = max(1, chunk // L) images, ~40 Bc L P' + 2 Bc S P'
++ Bc L S numbers, and 2 B L S for its output.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -150,47 +158,47 @@ def shift_grid(max_px: float, step_px: float, dtype=np.float32) -> np.ndarray:
 
 
 def axis_angle_to_matrix(omega):
-    """Rotation vectors (..., 3) in radians -> matrices (..., 3, 3) (Rodrigues' formula)."""
-    omega = np.asarray(omega, np.float64)
-    theta = np.linalg.norm(omega, axis=-1)[..., None, None]
+    """Rotation vectors (..., 3) in radians -> matrices (..., 3, 3) (Rodrigues' formula; jnp)."""
+    omega = jnp.asarray(omega)
+    theta = jnp.linalg.norm(omega, axis=-1)[..., None, None]
     x, y, z = omega[..., 0], omega[..., 1], omega[..., 2]
-    zero = np.zeros_like(x)
-    k = np.stack([np.stack([zero, -z, y], -1), np.stack([z, zero, -x], -1),
-                  np.stack([-y, x, zero], -1)], -2)
-    safe = np.where(theta > 0, theta, 1.0)
-    a = np.where(theta > 0, np.sin(theta) / safe, 1.0)
-    b = np.where(theta > 0, (1 - np.cos(theta)) / safe ** 2, 0.5)
-    return np.eye(3) + a * k + b * (k @ k)
+    zero = jnp.zeros_like(x)
+    k = jnp.stack([jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1),
+                   jnp.stack([-y, x, zero], -1)], -2)
+    safe = jnp.where(theta > 0, theta, 1.0)
+    a = jnp.where(theta > 0, jnp.sin(safe) / safe, 1.0)
+    b = jnp.where(theta > 0, (1 - jnp.cos(safe)) / safe ** 2, 0.5)
+    return jnp.eye(3, dtype=omega.dtype) + a * k + b * (k @ k)
 
 
-def local_offsets(step_deg: float, n: int = 1) -> np.ndarray:
+def local_offsets(step_deg, n: int = 1, dtype=jnp.float32):
     """The (2n+1)^3 perturbations dR (L, 3, 3) of :func:`local_rotations`: rotation vectors
     on the cube step * {-n..n}^3 (radians from degrees); index L // 2 is the identity.
-    Each is a rotation by at most sqrt(3) * n * step degrees."""
-    r = np.arange(-int(n), int(n) + 1) * np.deg2rad(float(step_deg))
-    cube = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
-    return axis_angle_to_matrix(cube)
+    Each is a rotation by at most sqrt(3) * n * step degrees. ``step_deg`` may be traced."""
+    r = np.arange(-int(n), int(n) + 1, dtype=np.float64)
+    cube = jnp.asarray(np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3), dtype)
+    return axis_angle_to_matrix(cube * jnp.deg2rad(jnp.asarray(step_deg, dtype)))
 
 
-def local_rotations(centers, step_deg: float, n: int = 1):
+def local_rotations(centers, step_deg, n: int = 1):
     """Candidate rotations (B, L, 3, 3) around each particle's pose, L = (2n+1)^3.
 
     Candidate l of particle b is ``centers[b] @ dR_l`` with dR_l from :func:`local_offsets`
     (a rotation vector on the cube step_deg * {-n..n}^3), so its geodesic distance to the
     centre is |omega_l| <= sqrt(3) n step_deg; index L // 2 is the centre itself.
+    ``step_deg`` may be a traced scalar (changing it does not recompile); ``n`` is static.
     """
     centers = jnp.asarray(centers)
-    d = jnp.asarray(local_offsets(step_deg, n), centers.dtype)
-    return jnp.einsum("bij,ljk->blik", centers, d)
+    return jnp.einsum("bij,ljk->blik", centers, local_offsets(step_deg, n, centers.dtype))
 
 
-def local_shifts(centers, step_px: float, n: int = 1):
+def local_shifts(centers, step_px, n: int = 1):
     """Candidate shifts (B, Ls, 2) in pixels on the square centres + step_px * {-n..n}^2,
-    Ls = (2n+1)^2; index Ls // 2 is the centre itself."""
+    Ls = (2n+1)^2; index Ls // 2 is the centre itself. ``step_px`` may be traced."""
     centers = jnp.asarray(centers)
-    r = np.arange(-int(n), int(n) + 1) * float(step_px)
+    r = np.arange(-int(n), int(n) + 1, dtype=np.float64)
     yy, xx = np.meshgrid(r, r, indexing="ij")
-    offs = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1), centers.dtype)
+    offs = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], -1), centers.dtype) * jnp.asarray(step_px, centers.dtype)
     return centers[:, None, :] + offs[None]
 
 
@@ -209,6 +217,54 @@ class _PixelSet(NamedTuple):
 
     box: int
     freqs: np.ndarray
+
+
+def _centred_cube(volume_pairs, half_width: int):
+    """The full Fourier transform on the cube -c..c (c = half_width), (D^3, 2) with D = 2c + 1,
+    flat index ((z + c) D + y + c) D + x + c: stored voxels for x >= 0, conjugated mates
+    V(-k) = conj V(k) for x < 0, the same voxels (and aliasing) that slicing.slice_stencil's
+    fold reads. Requires c <= N/2."""
+    n = volume_pairs.shape[0]
+    k = np.arange(-half_width, half_width + 1)
+    z, y, x = np.meshgrid(k, k, k, indexing="ij")
+    mirror = x < 0
+    sgn = np.where(mirror, -1, 1)
+    flat = ((sgn * z) % n) * (n * (n // 2 + 1)) + ((sgn * y) % n) * (n // 2 + 1) + sgn * x
+    rows = volume_pairs.reshape(-1, volume_pairs.shape[-1])[flat.ravel()]
+    imag_sign = jnp.asarray(np.stack([np.ones(flat.size), sgn.ravel()], -1), volume_pairs.dtype)
+    return rows * imag_sign
+
+
+_CORNERS = np.stack(np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"), -1).reshape(8, 3)  # (dx, dy, dz)
+
+
+def _cube_slices(cube, half_width: int, rotations, freqs, interpolation: str):
+    """Central slices (K, P', 2) at K rotations read from :func:`_centred_cube`; equal to
+    ``forward.model.slices`` for |k| + 1 <= half_width (no fold, no bounds checks: one base
+    index per pixel plus constant corner offsets)."""
+    d = 2 * half_width + 1
+    p = jnp.einsum("pi,kij->kpj", jnp.asarray(freqs, cube.dtype), rotations[:, :2, :])  # (K, P', 3) x, y, z
+    strides = jnp.asarray([1, d, d * d], jnp.int32)
+    if interpolation == "nearest":
+        q = jnp.round(p).astype(jnp.int32) + half_width
+        return cube[jnp.sum(q * strides, -1)]
+    base = jnp.floor(p)
+    frac = p - base
+    index = jnp.sum((base.astype(jnp.int32) + half_width) * strides, -1)  # (K, P')
+    offsets = jnp.asarray(_CORNERS @ np.array([1, d, d * d]), jnp.int32)  # (8,)
+    corners = jnp.asarray(_CORNERS, cube.dtype)
+    weight = jnp.prod(jnp.where(corners > 0, frac[..., None, :], 1 - frac[..., None, :]), -1)  # (K, P', 8)
+    rows = cube[index[..., None] + offsets]  # (K, P', 8, 2)
+    return jnp.einsum("kpe,kpec->kpc", weight, rows)
+
+
+def _projector(volume_pairs, pix: _PixelSet, interpolation: str):
+    """rotations (K, 3, 3) -> slices (K, P', 2) of the volume at the selected pixels."""
+    half_width = int(np.ceil(np.linalg.norm(pix.freqs, axis=-1).max())) + 1
+    if interpolation in ("nearest", "trilinear") and half_width <= pix.box // 2:
+        cube = _centred_cube(volume_pairs, half_width)
+        return lambda r: _cube_slices(cube, half_width, r, pix.freqs, interpolation)
+    return lambda r: slices(volume_pairs, r, pix, interpolation)
 
 
 def score_pixels(grid: FourierGrid, r_limit: float | None) -> np.ndarray:
@@ -244,30 +300,10 @@ def _check(volume_pairs, data, grid):
         raise ValueError(f"data must be (B, {grid.n_pixels}, 2) for this grid, got {data.shape}")
 
 
-def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
-                r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
-                precision=None):
-    """Log-likelihoods (B, M, S) of B images against M rotations x S shifts (a global search).
-
-    Args:
-      volume_pairs: (N, N, N//2+1, 2) pair volume (one half-map).
-      data: (B, P, 2) image pairs on ``grid`` as in Particles (translated back by their shift t0).
-      ctf: (B, P) CTF values (e.g. ``forward.model.ctf_batch``), or None.
-      rotations: (M, 3, 3) RELION matrices shared by all images (e.g. :func:`so3_grid`).
-      shifts: (S, 2) additional shifts t in pixels (e.g. :func:`shift_grid`); the best pose's
-        origin is t0 + t (see the module docstring).
-      grid: the images' FourierGrid.
-      pixel_weights: (P,) or (B, P) full per-pixel weights, multiplicity included
-        (``Problem.pixel_weights``); None: the multiplicity (white noise, sigma = 1).
-      r_limit: use only pixels with |k| <= r_limit (Fourier pixels); None: all of the grid's.
-      interpolation: 'nearest', 'trilinear' or 'nufft' (as the volume was fitted).
-      chunk: rotations per step of the scan (bounds memory: see the module docstring).
-      precision: passed to the matrix products (e.g. ``jax.lax.Precision.HIGHEST`` on GPUs,
-        whose default float32 products round to TF32).
-    Returns:
-      (B, M, S) scores -1/2 sum_p w |y - c A_R v phase_t|^2 (including the ||y||^2 term, so a
-      score equals minus half :func:`jaxcryo.loss.per_image_loss` at that pose).
-    """
+def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights, r_limit, interpolation,
+                   chunk, precision):
+    """The scan of :func:`score_poses`: (one, rotation chunks, sizes), ``one(chunk (C, 3, 3))`` giving
+    the chunk's scores (B, S, C); padding rotations (identity) fill the last chunk."""
     _check(volume_pairs, data, grid)
     dtype = data.dtype
     b = data.shape[0]
@@ -275,6 +311,7 @@ def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     s = shifts.shape[0]
     idx = score_pixels(grid, r_limit)
     pix = _PixelSet(grid.box, grid.freqs[idx])
+    project = _projector(volume_pairs, pix, interpolation)
     p = idx.size
     y = data[:, idx, :]
     w = _weights(grid, pixel_weights, idx, b, dtype)
@@ -295,14 +332,90 @@ def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     rot = rot.reshape(n_chunks, size, 3, 3)
 
     def one(rc):
-        a = slices(volume_pairs, rc, pix, interpolation)  # (C, P', 2)
+        a = project(rc)  # (C, P', 2)
         cross = jnp.matmul(lhs, a.reshape(size, 2 * p).T, precision=precision)  # (B*S, C)
         norm = jnp.matmul(cw2, jnp.sum(a * a, -1).T, precision=precision)  # (B, C)
         return -0.5 * (yy[:, None, None] - 2.0 * cross.reshape(b, s, size) + norm[:, None, :])
 
+    return one, rot, (b, m, s, size)
+
+
+def score_poses(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
+                r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
+                precision=None):
+    """Log-likelihoods (B, M, S) of B images against M rotations x S shifts (a global search).
+
+    Args:
+      volume_pairs: (N, N, N//2+1, 2) pair volume (one half-map).
+      data: (B, P, 2) image pairs on ``grid`` as in Particles (translated back by their shift t0).
+      ctf: (B, P) CTF values (e.g. ``forward.model.ctf_batch``), or None.
+      rotations: (M, 3, 3) RELION matrices shared by all images (e.g. :func:`so3_grid`).
+      shifts: (S, 2) additional shifts t in pixels (e.g. :func:`shift_grid`); the best pose's
+        origin is t0 + t (see the module docstring).
+      grid: the images' FourierGrid.
+      pixel_weights: (P,) or (B, P) full per-pixel weights, multiplicity included
+        (``Problem.pixel_weights``); None: the multiplicity (white noise, sigma = 1).
+      r_limit: use only pixels with |k| <= r_limit (Fourier pixels); None: all of the grid's.
+      interpolation: 'nearest', 'trilinear' or 'nufft' (as the volume was fitted).
+      chunk: rotations per step of the scan (bounds memory: see the module docstring).
+      precision: passed to the matrix products. JAX's default rounds float32 products to TF32
+        on recent GPUs and bfloat16 on TPUs (relative 2^-11, 2^-9 per product); the errors add
+        like a random walk, about 2^-11 sqrt(P') max|w c y a| in a score, usually far below the
+        O(1) differences a posterior resolves. ``jax.lax.Precision.HIGHEST`` for exact scores
+        (noise-free data, comparisons with the loop).
+    Returns:
+      (B, M, S) scores -1/2 sum_p w |y - c A_R v phase_t|^2 (including the ||y||^2 term, so a
+      score equals minus half :func:`jaxcryo.loss.per_image_loss` at that pose).
+    """
+    one, rot, (b, m, s, size) = _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights,
+                                               r_limit, interpolation, chunk, precision)
+    n_chunks = rot.shape[0]
     out = jax.lax.map(one, rot)  # (n_chunks, B, S, C)
     out = jnp.transpose(out, (1, 0, 3, 2)).reshape(b, n_chunks * size, s)
     return out[:, :m]
+
+
+def search_top_k(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, k: int,
+                 temperature: float = 1.0, pixel_weights=None, r_limit: float | None = None,
+                 interpolation: str = "trilinear", chunk: int = 4096, precision=None):
+    """:func:`top_k` of :func:`score_poses` without holding all B x M x S scores.
+
+    Same arguments and result as ``top_k(score_poses(...), k, temperature)`` (idx_rot,
+    idx_shift, weights, max_prob), but the scan over rotation chunks carries each image's best
+    k scores and a running log-sum-exp, so memory is that of one chunk: 4 bytes x
+    (2 B S P' + ~40 C P' + 3 B S C + 2 B k), independent of M (fine global grids: HEALPix
+    order 3-4 at any batch size). ``k`` is static.
+    """
+    one, rot, (b, m, s, size) = _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights,
+                                               r_limit, interpolation, chunk, precision)
+    k = int(k)
+    if not 1 <= k <= m * s:
+        raise ValueError(f"k must be in 1..{m * s} (rotations x shifts), got {k}")
+    dtype = data.dtype
+    neg_inf = jnp.asarray(-jnp.inf, dtype)
+
+    def body(carry, xs):
+        vals, index, lse = carry
+        start, rc = xs
+        scores = jnp.transpose(one(rc), (0, 2, 1)) / temperature  # (B, C, S): (M, S) order, as top_k
+        rot_index = start + jnp.arange(size)
+        scores = jnp.where(rot_index[None, :, None] < m, scores, neg_inf)  # padding rotations
+        flat_index = (rot_index[:, None] * s + jnp.arange(s)[None, :]).reshape(-1)  # (C*S,) index into (M, S)
+        flat = scores.reshape(b, size * s)
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(flat, axis=-1))
+        kk = min(k, s * size)
+        v, i = jax.lax.top_k(flat, kk)
+        both_vals = jnp.concatenate([vals, v], axis=1)
+        both_index = jnp.concatenate([index, flat_index[i]], axis=1)
+        # earlier chunks first, so ties keep the lower (M, S) index, as lax.top_k over all scores
+        best, j = jax.lax.top_k(both_vals, k)
+        return (best, jnp.take_along_axis(both_index, j, axis=1), lse), None
+
+    init = (jnp.full((b, k), -jnp.inf, dtype), jnp.zeros((b, k), jnp.int32), jnp.full((b,), -jnp.inf, dtype))
+    starts = jnp.arange(rot.shape[0], dtype=jnp.int32) * size
+    (vals, index, lse), _ = jax.lax.scan(body, init, (starts, rot))
+    weights = jax.nn.softmax(vals, axis=-1)
+    return index // s, index % s, weights, jnp.exp(vals[:, 0] - lse)
 
 
 def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
@@ -324,6 +437,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     s = shifts.shape[1]
     idx = score_pixels(grid, r_limit)
     pix = _PixelSet(grid.box, grid.freqs[idx])
+    project = _projector(volume_pairs, pix, interpolation)
     p = idx.size
     y = data[:, idx, :]
     w = _weights(grid, pixel_weights, idx, b, dtype)
@@ -343,7 +457,7 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
 
     def one(args):
         yc, wc, cc, rc, tc = args
-        a = slices(volume_pairs, rc.reshape(per * n_rot, 3, 3), pix, interpolation)
+        a = project(rc.reshape(per * n_rot, 3, 3))
         a = a.reshape(per, n_rot, 2 * p)
         ramps = jax.vmap(jax.vmap(lambda t: shift_phase(pix.freqs, t, grid.box)))(tc)  # (per, S, P', 2)
         lhs = (conj_multiply(ramps, yc[:, None]) * (cc * wc)[:, None, :, None]).reshape(per, s, 2 * p)
@@ -355,6 +469,27 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
 
     out = jax.lax.map(one, xs)  # (n_chunks, per, L, S)
     return out.reshape(n_chunks * per, n_rot, s)[:b]
+
+
+def memory_bytes(n_images: int, n_rotations: int, n_shifts: int, grid: FourierGrid, *,
+                 r_limit: float | None = None, interpolation: str = "trilinear", chunk: int = 4096,
+                 local: bool = False, itemsize: int = 4) -> int:
+    """Upper estimate of the scratch and output bytes of one :func:`score_poses` call
+    (``local=False``; n_rotations = M shared) or :func:`score_local` call (``local=True``;
+    n_rotations = L per image), following the formula in the module docstring. Checked
+    against XLA's compiled memory analysis in the tests (it is within about 2x above it)."""
+    b, m, s = int(n_images), int(n_rotations), int(n_shifts)
+    p = int(score_pixels(grid, r_limit).size)
+    d = 2 * (int(np.ceil(np.linalg.norm(grid.freqs[score_pixels(grid, r_limit)], axis=-1).max())) + 1) + 1
+    per_pixel = 40 if interpolation == "trilinear" else 10
+    inputs = 4 * b * p  # selected images, weights, CTF
+    if local:
+        per = max(1, min(b, chunk // max(m, 1)))
+        n = inputs + per_pixel * per * m * p + 4 * per * s * p + per * m * s + 2 * b * m * s + 2 * d ** 3
+    else:
+        c = min(chunk, m)
+        n = inputs + 2 * b * s * p + per_pixel * c * p + b * s * c + 2 * b * s * m + 2 * d ** 3
+    return int(itemsize * n)
 
 
 def brute_force_scores(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *, pixel_weights=None,
@@ -379,14 +514,22 @@ def brute_force_scores(volume_pairs, data, ctf, rotations, shifts, grid: Fourier
     radius = np.linalg.norm(grid.freqs, axis=-1)
     mask = jnp.asarray(np.ones_like(radius) if r_limit is None else radius <= float(r_limit) + 1e-9, dtype)
     c = jnp.ones((b, grid.n_pixels), dtype) if ctf is None else jnp.asarray(ctf, dtype)
+    wm = w * mask
     out = np.empty((b, rotations.shape[1], shifts.shape[1]))
     for i in range(rotations.shape[1]):
-        a = slices(volume_pairs, jnp.asarray(rotations[:, i], dtype), grid, interpolation) * c[..., None]
         for j in range(shifts.shape[1]):
-            ramp = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(jnp.asarray(shifts[:, j], dtype))
-            r = complex_multiply(a, ramp) - data
-            out[:, i, j] = np.asarray(-0.5 * jnp.sum((w * mask)[..., None] * r * r, axis=(1, 2)))
+            out[:, i, j] = np.asarray(_one_pose_score(volume_pairs, data, c, wm, jnp.asarray(rotations[:, i], dtype),
+                                                      jnp.asarray(shifts[:, j], dtype), grid, interpolation))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "interpolation"))
+def _one_pose_score(volume_pairs, data, c, weights, rotations, shifts, grid, interpolation):
+    """(B,) scores of each image at its own pose and shift on the whole grid (weights masked)."""
+    a = slices(volume_pairs, rotations, grid, interpolation) * c[..., None]
+    ramp = jax.vmap(lambda t: shift_phase(grid.freqs, t, grid.box))(shifts)
+    r = complex_multiply(a, ramp) - data
+    return -0.5 * jnp.sum(weights[..., None] * r * r, axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------- posteriors

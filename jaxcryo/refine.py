@@ -41,8 +41,8 @@ from jaxcryo.loss import Problem, data_loss_sum, forward, subset, sum_over_batch
 from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
                                  group_functions, make_optimizer, wiener_shell_lam)
 
-__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine",
-           "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
+__all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes",
+           "default_chunk", "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
 
 
 class PoseState(NamedTuple):
@@ -132,9 +132,10 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
             rot = jnp.take_along_axis(cand_rot, i_rot[:, :, None, None], axis=1)
             shift = jnp.take_along_axis(cand_shift, i_shift[:, :, None], axis=1)
         data = _shifted(batch.data, shift, grid)  # (B, K, P, 2)
-        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), k, axis=0), batch.ctf)
-        expanded = Particles(data=data.reshape((b * k,) + data.shape[2:]), rotations=rot.reshape(b * k, 3, 3),
-                             ctf=ctf, weight=(batch.weight[:, None] * w.astype(dtype)).reshape(b * k))
+        # Every per-image field (CTF, and any other) repeated K times; then the candidates.
+        expanded = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), k, axis=0), batch)
+        expanded = expanded._replace(data=data.reshape((b * k,) + data.shape[2:]), rotations=rot.reshape(b * k, 3, 3),
+                                     weight=(batch.weight[:, None] * w.astype(dtype)).reshape(b * k))
         return expanded, PoseState(rot[:, 0], shift[:, 0], max_prob.astype(dtype))
 
     return stage
@@ -176,6 +177,33 @@ def rotation_angle_deg(a, b):
     return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
+def default_chunk(box: int, interpolation: str = "trilinear") -> int:
+    """Rotations projected at a time by the pose stage: a power of two in [64, 4096] that keeps
+    the chunk's projections and stencils near 1 GB (float32)."""
+    k = 8 if interpolation == "trilinear" else 1
+    per_rotation = FourierGrid(box).n_pixels * (4 + 5 * k)
+    return int(2 ** np.clip(np.floor(np.log2(2.5e8 / per_rotation)), 6, 12))
+
+
+def pose_stage_bytes(batch_size: int, box: int, *, global_order: int = 2, max_shift_px: float | None = None,
+                     shift_step_px: float = 1.0, top_k: int = 4, chunk: int | None = None, groups: int = 2,
+                     interpolation: str = "trilinear", dtype_bytes: int = 4) -> int:
+    """Scratch memory of the pose stage and the expanded volume step during a global epoch (the
+    larger of the two searches), for all half-sets at once: the score buffers of
+    :func:`jaxcryo.poses.score_poses` (see its module docstring) plus the B x K expanded rows and
+    their forward/adjoint buffers."""
+    grid = FourierGrid(box)
+    p = grid.n_pixels
+    m = len(poses.so3_grid(global_order)) if global_order <= 3 else 72 * 8 ** global_order
+    s = len(poses.shift_grid(min(5.0, box / 8.0) if max_shift_px is None else max_shift_px, shift_step_px))
+    c = min(default_chunk(box, interpolation) if chunk is None else chunk, m)
+    k = 8 if interpolation == "trilinear" else 1
+    b = batch_size
+    scores = 2 * b * s * p + c * p * (4 + 3 * k) + 2 * c * p * k + b * s * c + 2 * b * s * m
+    expanded = 4 * b * top_k * (2 * p + 19) + 2 * b * top_k * p * 2 * k
+    return int(groups * dtype_bytes * (scores + expanded))
+
+
 # ----------------------------------------------------------------------------- maps
 
 
@@ -189,7 +217,7 @@ def lowpass(volume, pixel_size_angstrom: float, resolution_angstrom: float, edge
     cut = n * pixel_size_angstrom / resolution_angstrom
     edge = np.clip((r - cut) / edge_shells + 0.5, 0.0, 1.0)
     filt = 0.5 + 0.5 * np.cos(np.pi * edge)
-    return np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape).astype(np.float32)
+    return np.fft.irfftn(np.fft.rfftn(v) * filt, s=v.shape, axes=(0, 1, 2)).astype(np.float32)
 
 
 def resample_map(volume, pixel_size_angstrom: float, box: int, target_pixel_size_angstrom: float):
@@ -290,9 +318,11 @@ def _reference_scale(init_ft, particles: Particles, grid: FourierGrid, interpola
     model = model * ctf_batch(sample.ctf, grid, rot.shape[0], model.dtype)[..., None]
     m2 = np.asarray(jnp.sum(model ** 2, -1))
     low = (shells >= 1) & (shells <= cut_shell)
+    if not np.any(low):
+        return 1.0
     signal = max(float(y2[:, low].mean()) - floor, 0.0)
     model_power = float(m2[:, low].mean())
-    if model_power <= 0 or signal <= 0:
+    if not (model_power > 0 and signal > 0):
         return 1.0
     return math.sqrt(signal / model_power)
 
@@ -335,6 +365,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
            shift_step_px: float = 1.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
            min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
            lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
+           chunk: int | None = None,
            resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
            symmetry: str = "C1") -> Refinement:
     """Gold-standard refinement of a map and the particles' poses.
@@ -343,16 +374,16 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       particles: :class:`Particles` whose ``data`` have any prior shift already undone (zeros
         for a global search) and whose ``rotations`` are the priors used with ``local``.
       reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
-        :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` and, with
-        ``scale_reference``, scaled to the images' signal power.
+        :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` (no coarser
+        than Fourier shell 2) and, with ``scale_reference``, scaled to the images' signal power.
       diameter_angstrom: soft spherical solvent mask diameter (default: the box less 6 px);
         ``mask`` (real (box,)*3, values 0..1) replaces it.
       local: start from the particles' rotations (local searches only, no global search).
       epochs: at most this many epochs; the run stops earlier (after ``min_epochs``) when the
         sampling is at its finest and neither the resolution nor the poses changed (resolution
-        gained under 1% and mean pose change under half the angular step).
+        gained under 1% and mean pose change under a quarter of the angular step).
       global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
-        global search; max_shift_px (default box/8), shift_step_px: its shift grid.
+        global search; max_shift_px (default min(5, box/8) px, RELION: 5), shift_step_px: its shift grid.
       local_step_deg: first local angular step (default half the global step); each later
         epoch halves the angular and shift steps down to ``min_step_deg`` / ``min_shift_step_px``
         (no finer than the resolution needs: atan(resolution / diameter) / 2).
@@ -360,23 +391,28 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       margin_shells: Fourier shells scored beyond the current half-map resolution.
       method, batch_size, lam, n_probes, interpolation, seed: the volume step, as
         :func:`jaxcryo.reconstruct.reconstruct`.
+      chunk: rotations projected at a time by the pose stage (default :func:`default_chunk`).
       resume, callback: continue from / receive a :class:`RefineState` after every epoch.
-      symmetry: only 'C1' for now (accepted so that the CLI flag passes through).
+      symmetry: point group (RELION symbol) of the volume step, where :mod:`jaxcryo.symmetry`
+        is present (Problem.symmetry); the pose search still covers all of SO(3).
     Returns:
       :class:`Refinement`. Its reconstruction's history has, per epoch: ``epoch``, ``loss`` (at
       the best poses), ``seconds``, ``resolution_angstrom``, ``angular_step_deg``,
       ``shift_step_px``, ``r_limit``, ``mean_pose_change_deg``, ``mode``.
     """
+    sym = {}
     if str(symmetry).upper() != "C1":
-        raise NotImplementedError("symmetry other than C1 is not available in refine yet")
+        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
+            raise NotImplementedError("symmetry other than C1 needs jaxcryo.symmetry (Problem.symmetry)")
+        sym = {"symmetry": symmetry}  # the volume step symmetrises; poses are searched over all of SO(3)
     grid = FourierGrid(box)
     dtype = particles.data.dtype
-    max_shift_px = box / 8.0 if max_shift_px is None else float(max_shift_px)
+    max_shift_px = min(5.0, box / 8.0) if max_shift_px is None else float(max_shift_px)
     diameter_angstrom = (box - 6) * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     if mask is None:
         mask = spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom, soft_width=3.0)
     mask = jnp.asarray(mask, dtype)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam)
+    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, **sym)
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     n = particles.weight.shape[0]
@@ -394,6 +430,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     global_step = poses.angular_step_deg(global_order)
     first_local = global_step / 2 if local_step_deg is None else float(local_step_deg)
 
+    # A start coarser than Fourier shell 2 holds no pose information: low-pass no further.
+    initial_lowpass_angstrom = min(float(initial_lowpass_angstrom), box * pixel_size_angstrom / 2.0)
     if resume is None:
         ref = lowpass(reference, pixel_size_angstrom, initial_lowpass_angstrom) * np.asarray(mask)
         init = volume_to_ft(jnp.asarray(ref, dtype), interpolation)
@@ -467,7 +505,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         r_static = int(min(grid.radius, quantum * math.ceil(plan["r_limit"] / quantum)))
         search = PoseSearch(mode=mode, order=global_order, max_shift_px=max_shift_px,
                             shift_step_px=shift_step_px, top_k=top_k, temperature=temperature,
-                            r_limit=r_static, interpolation=interpolation)
+                            r_limit=r_static, interpolation=interpolation,
+                            chunk=default_chunk(box, interpolation) if chunk is None else int(chunk))
         sigma2 = np.asarray(history["sigma2"][-1])
         reg = jnp.broadcast_to(problem.regularizer(dtype), grid.volume_shape + (1,))
         args = {"pixel_weights": _pixel_weights(sigma2, grid, dtype) * r_mask(plan["r_limit"]),
@@ -484,7 +523,9 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         t0 += time.perf_counter() - t1  # compilation is not run time
         params, opt_state, keys, _, pose_state = fn(*inputs)
         params = _apply_mask(params, mask, interpolation)
-        jax.block_until_ready(params)
+        if not bool(jnp.all(jnp.isfinite(params))):
+            raise FloatingPointError(f"refine: the half-maps became non-finite in epoch {epoch} "
+                                     "(check the images and the reference for NaN/Inf)")
         change = rotation_angle_deg(before, np.asarray(pose_state.rotations))
         real = groups >= 0
         mean_change = float(change[real].mean())
@@ -530,7 +571,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
                 nxt["shift_step_px"] = plan["shift_step_px"] / 2
         prev_res = history["resolution_angstrom"][-2] if len(history["resolution_angstrom"]) > 1 else float("inf")
         settled = (mode == "local" and not finer and res > 0.99 * prev_res
-                   and mean_change < 0.5 * plan["step_deg"] and epoch >= min_epochs)
+                   and mean_change < 0.25 * plan["step_deg"] and epoch >= min_epochs)
         nxt["stop"] = bool(settled)
         history["next"].append(nxt)
         state = RefineState(ReconState(epoch, params, opt_state, keys, history), pose_state)

@@ -17,7 +17,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
-NAMES = ["01_quickstart.ipynb", "02_conditioning.ipynb", "03_convergence.ipynb"]
+NAMES = ["01_quickstart.ipynb", "02_conditioning.ipynb", "03_convergence.ipynb", "04_refine.ipynb"]
 
 
 @pytest.fixture
