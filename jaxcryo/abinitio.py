@@ -51,7 +51,7 @@ from jaxcryo.geometry import random_rotations, spherical_mask, volume_radius
 from jaxcryo.loss import Problem, batched, loss, subset, value_grad_hvp
 from jaxcryo.reconstruct import ReconState, make_optimizer
 
-__all__ = ["AbInitioState", "AbInitio", "abinitio", "schedule", "initial_volume", "flip_hand",
+__all__ = ["AbInitioState", "AbInitio", "abinitio", "schedule", "initial_volume", "flip_hand", "recentre",
            "flip_rotations", "global_alignment", "pose_errors_deg", "adaptive_temperature"]
 
 MIRROR = np.diag([1.0, 1.0, -1.0])
@@ -85,7 +85,8 @@ class AbInitioState(NamedTuple):
 
 
 class AbInitio(NamedTuple):
-    """Result of :func:`abinitio`: volume (N, N, N) real map (one hand, see :func:`flip_hand`);
+    """Result of :func:`abinitio`: volume (N, N, N) real map (one hand, see :func:`flip_hand`;
+    centred, see :func:`recentre`: the state keeps the uncentred map and shifts);
     per particle in input order: rotations (n, 3, 3) RELION matrices, shifts_px (n, 2) beyond the
     shift already undone in the data, max_prob (n,); history (dict of per-epoch lists); state."""
 
@@ -350,6 +351,24 @@ def _make_epoch(problem: Problem, tx, stage, *, batch_size: int, n_probes: int, 
     return epoch
 
 
+def recentre(volume, rotations, shifts_px):
+    """The map moved by whole voxels so that its centre of (positive) mass is at voxel N//2,
+    and the particles' shifts changed to match (same images): a translated map fits as well as
+    the map, so ab initio leaves it wherever it drifted, and a refine whose shift search is
+    about zero would miss it. Returns (volume, shifts_px); shifts + (A m)_xy for a move m (x, y, z)."""
+    v = np.asarray(volume, np.float64)
+    w = np.clip(v, 0.0, None)
+    if w.sum() <= 0:
+        return np.asarray(volume), np.asarray(shifts_px)
+    c = np.arange(v.shape[0]) - v.shape[0] // 2
+    com = [float((w.sum(axis=tuple(j for j in range(3) if j != i)) * c).sum() / w.sum()) for i in range(3)]
+    move = [-int(round(x)) for x in com]  # along axes (z, y, x)
+    moved = np.roll(v, move, axis=(0, 1, 2)).astype(np.asarray(volume).dtype)
+    m_xyz = np.asarray(move[::-1], np.float64)
+    shifts = np.asarray(shifts_px, np.float64) + np.einsum("nij,j->ni", np.asarray(rotations, np.float64), m_xyz)[:, :2]
+    return moved, shifts.astype(np.asarray(shifts_px).dtype)
+
+
 def _crop(particles: Particles, full: FourierGrid, small: FourierGrid) -> Particles:
     """Particles restricted to the pixels of a smaller disk (same order as ``small``)."""
     idx = np.searchsorted(full.flat_index, small.flat_index)
@@ -477,6 +496,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         if callback is not None:
             callback(state)
 
-    volume = np.asarray(ft_to_volume(params, interpolation))
-    return AbInitio(volume, np.asarray(pose_rows[0]), np.asarray(pose_rows[1]), np.asarray(pose_rows[2]), history,
+    volume, shifts = recentre(np.asarray(ft_to_volume(params, interpolation)), np.asarray(pose_rows[0]),
+                              np.asarray(pose_rows[1]))
+    return AbInitio(volume, np.asarray(pose_rows[0]), shifts, np.asarray(pose_rows[2]), history,
                     AbInitioState(state.epoch, params, opt_state, key, *pose_rows, history))

@@ -15,9 +15,9 @@ import starfile
 import jaxcryo as jc
 from jaxcryo import cli
 from jaxcryo.abinitio import (abinitio, adaptive_temperature, flip_hand, flip_rotations, global_alignment,
-                              pose_errors_deg, schedule)
+                              pose_errors_deg, recentre, schedule)
 from jaxcryo.forward import FourierGrid
-from jaxcryo.forward.model import slices, volume_to_ft
+from jaxcryo.forward.model import render, slices, volume_to_ft
 
 BOX, PX, N = 16, 6.0, 240
 # 30 deg grid throughout (order 1), one static level (the limit marches inside it): one
@@ -98,6 +98,21 @@ def test_flipped_map_at_mirrored_poses_gives_the_same_projections():
         dot[box // 2 + 2, box // 2, box // 2 + 1] = 2.0
         flipped = flip_hand(dot)
         assert flipped[box // 2, box // 2, box // 2] == 1.0 and flipped[box // 2 - 2, box // 2, box // 2 + 1] == 2.0
+
+
+def test_recentred_map_with_its_shifts_renders_the_same_images():
+    v = np.roll(jc.synthetic_molecule(BOX, pixel_size_angstrom=PX, seed=5), (1, -2, 2), axis=(0, 1, 2))
+    rot = np.asarray(jc.random_rotations(jax.random.PRNGKey(2), 4))
+    shifts = np.array([[0.5, -1.0]] * 4, np.float32)
+    moved, new = recentre(v, rot, shifts)
+    grid = FourierGrid(BOX)
+    a = render(volume_to_ft(jnp.asarray(v), "trilinear"), jnp.asarray(rot), jnp.asarray(shifts), None, grid)
+    b = render(volume_to_ft(jnp.asarray(moved), "trilinear"), jnp.asarray(rot), jnp.asarray(new), None, grid)
+    assert float(jnp.abs(b - a).max()) < 0.08 * float(jnp.abs(a).max())  # trilinear, sub-voxel shifts
+    assert not np.allclose(new, shifts)
+    w = np.clip(moved, 0, None)
+    c = np.arange(BOX) - BOX // 2
+    assert abs(float((w.sum(axis=(0, 1)) * c).sum() / w.sum())) <= 0.5  # x centre of mass at N//2
 
 
 def test_adaptive_temperature_hits_the_perplexity_target():
