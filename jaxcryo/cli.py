@@ -790,7 +790,8 @@ def _abinitio(args) -> int:
           f"{', '.join(written)} in {folder}")
     print(f"note: the hand of an ab initio map is undetermined (its mirror image fits the particles equally well); "
           f"check it against known chirality (e.g. alpha helices) and rerun with{'out' if args.flip_hand else ''} "
-          f"--flip-hand for the other one. Continue with: jaxcryo refine {args.star} --reference {args.out} --out MAP.mrc")
+          f"--flip-hand for the other one. Continue with: jaxcryo refine {args.star} --reference {args.out} "
+          f"--initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f} --out MAP.mrc")
     return 0
 
 
