@@ -13,6 +13,7 @@ from jaxcryo.loss import Problem, loss, value_grad_hvp
 from jaxcryo.noise import estimate_noise, shell_weights_from_sigma2
 from jaxcryo.optim import armijo, precon_sgd, scale_by_diagonal, scale_by_hutchinson
 from jaxcryo.refine import Refinement, RefineState, refine
+from jaxcryo.abinitio import AbInitio, AbInitioState, abinitio, flip_hand
 from jaxcryo.reconstruct import METHODS, ReconState, Reconstruction, make_optimizer, reconstruct
 from jaxcryo.simulate import simulate_particles, synthetic_molecule
 from jaxcryo.symmetry import symmetry_matrices
@@ -20,6 +21,7 @@ from jaxcryo.symmetry import symmetry_matrices
 __version__ = "0.1.0"
 __all__ = [
     "Refinement", "RefineState", "refine",
+    "AbInitio", "AbInitioState", "abinitio", "flip_hand",
     "condition_by_radius", "exact_diagonal", "hutchinson_diagonal", "hvp", "power_iteration",
     "radial_profile", "rademacher", "shell_spread", "CTFParams", "FourierGrid", "Particles",
     "backproject", "ft_to_images", "ft_to_volume", "images_to_ft", "make_ctf_params",

@@ -792,6 +792,126 @@ def _refine(args) -> int:
     return 0
 
 
+def _abinitio(args) -> int:
+    import dataclasses
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from jaxcryo.abinitio import AbInitioState, abinitio, flip_hand, flip_rotations
+    from jaxcryo.forward import FourierGrid
+    from jaxcryo.geometry import matrix_to_euler
+    from jaxcryo.io import InputError, write_map
+    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
+                                  load_particles, open_particles, plan_memory, save_checkpoint,
+                                  write_refined_particles)
+
+    out = _check_output_folder(args.out)
+    root = _map_root(out)
+    folder = os.path.dirname(out)
+    ckpt = checkpoint_path(out)
+    star_out = f"{root}_particles.star"
+    t_start = time.perf_counter()
+    if str(args.symmetry).upper() != "C1":
+        raise InputError(f"--symmetry {args.symmetry}: abinitio handles C1 only for now")
+    if args.classes != 1:
+        raise InputError(f"--classes {args.classes}: several classes are not implemented yet; use --classes 1")
+    table, stack = open_particles(args.star, require_poses=False)
+    with stack:
+        note = stack.pixel_size_note()
+        if note:
+            _note(args, note)
+        box, px, n = stack.box_size, float(table.pixel_size_angstrom[0]), len(table)
+        if n < 2:
+            raise InputError(f"{args.star}: {n} particle; ab initio needs many")
+        if not table.has_ctf:
+            _note(args, f"{args.star} has no CTF columns; running without CTF")
+        if args.diameter is not None and args.diameter > box * px:
+            raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
+        plan = plan_memory(n, box, groups=1, chunk_size=args.chunk_size)
+        limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
+        _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, {args.epochs} epochs from "
+                   f"{args.start_resolution:g} Å to {args.final_resolution or max(12.0, 2.5 * px):g} Å; memory needed "
+                   f"about {plan.describe()}, limit {format_bytes(limit)}")
+        if plan.in_memory_bytes > limit:
+            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)}, "
+                             f"above the limit of {format_bytes(limit)}; raise --max-memory-gb")
+
+        import hashlib
+        with open(table.star_path, "rb") as fh:
+            digest = hashlib.sha1(fh.read()).hexdigest()
+        settings = {"command": "abinitio", "star": os.path.abspath(table.star_path), "star_sha1": digest,
+                    "n_particles": n, "box": box, "pixel_size_angstrom": px, "diameter": args.diameter,
+                    "epochs": args.epochs, "start_resolution": args.start_resolution,
+                    "final_resolution": args.final_resolution, "batch_size": args.batch_size,
+                    "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
+                    "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift}
+        resume = None
+        if os.path.exists(ckpt):
+            saved_state, saved = load_checkpoint(ckpt)
+            if saved == settings:
+                resume = AbInitioState.from_recon_state(saved_state)
+                _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
+            elif args.resume:
+                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
+                                 "rerun with those settings, or without --resume to start afresh")
+            else:
+                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
+        elif args.resume:
+            raise InputError(f"{ckpt}: no checkpoint to resume from")
+
+        grid = FourierGrid(box)
+        source = dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
+        bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
+        particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+        bar.close()
+
+    start_epoch = 0 if resume is None else resume.epoch
+    epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="abinitio epochs",
+                      unit="epoch", disable=args.quiet, leave=False)
+
+    def on_epoch(state):
+        save_checkpoint(ckpt, state.to_recon_state(), settings)
+        h = state.history
+        epochs_bar.update(1)
+        epochs_bar.set_postfix(limit=f"{h['resolution_angstrom'][-1]:.1f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
+                               T=f"{h['temperature'][-1]:.2f}")
+
+    result = abinitio(particles, box=box, pixel_size_angstrom=px, epochs=args.epochs,
+                      diameter_angstrom=args.diameter, start_resolution_angstrom=args.start_resolution,
+                      final_resolution_angstrom=args.final_resolution, batch_size=args.batch_size,
+                      max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
+                      max_shift_px=args.max_shift,
+                      callback=on_epoch, classes=args.classes, symmetry=args.symmetry)
+    epochs_bar.close()
+    del particles
+    volume, rotations = result.volume, result.rotations
+    if args.flip_hand:
+        volume, rotations = flip_hand(volume), flip_rotations(rotations)
+    write_map(out, volume, voxel_size_angstrom=px)
+    euler = np.asarray(matrix_to_euler(np.asarray(rotations, np.float64)))
+    write_refined_particles(star_out, table, euler_deg=euler, shifts_angstrom=result.shifts_px * px,
+                            random_subset=1 + (np.arange(n) % 2), max_prob=result.max_prob)
+    keys = ("epoch", "loss", "seconds", "resolution_angstrom", "r_limit", "batch_size", "angular_step_deg",
+            "temperature")
+    history = {k: result.history[k] for k in keys}
+    history.update(compile_seconds=result.history["compile_seconds"][0], pixel_size_angstrom=px,
+                   flip_hand=bool(args.flip_hand),
+                   settings={k: v for k, v in settings.items() if not k.endswith("sha1")})
+    _write_json(os.path.join(folder, "history.json"), history)
+    written = [os.path.basename(out), os.path.basename(star_out), "history.json"]
+    h = result.history
+    print(f"jaxcryo abinitio: {n} particles, {len(h['epoch'])} epochs, final limit {h['resolution_angstrom'][-1]:.1f} Å, "
+          f"angular step {h['angular_step_deg'][-1]:g} deg, {time.perf_counter() - t_start:.1f} s; wrote "
+          f"{', '.join(written)} in {folder}")
+    print(f"note: the hand of an ab initio map is undetermined (its mirror image fits the particles equally well); "
+          f"check it against known chirality (e.g. alpha helices) and rerun with{'out' if args.flip_hand else ''} "
+          f"--flip-hand for the other one. Continue with: jaxcryo refine {args.star} --reference {args.out} "
+          f"--initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f} --out MAP.mrc")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -976,6 +1096,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder holding the particle stacks of a .cs file, when its blob/path does not resolve")
     ref.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary line")
     ref.set_defaults(func=_refine)
+
+    ab = sub.add_parser(
+        "abinitio", formatter_class=_Formatter, help="a starting map from particles alone (no poses, no reference)",
+        description="Ab initio reconstruction (cryoSPARC's ab initio / RELION's SGD initial model): from a\n"
+                    "featureless start, each minibatch is scored over a global SO(3) x shift grid at a low\n"
+                    "frequency limit, poses are drawn from the posterior at an adaptive temperature (about 1%\n"
+                    "of poses carry weight early on), and the map takes a preconditioned SGD step on the\n"
+                    "expected loss; the limit marches from --start-resolution to --final-resolution with\n"
+                    "growing minibatches. Writes INIT.mrc, INIT_particles.star (poses found), history.json\n"
+                    "and a checkpoint INIT.ckpt.npz after every epoch. The hand of the map is undetermined:\n"
+                    "--flip-hand writes the mirror image. Continue with 'jaxcryo refine --reference INIT.mrc'.")
+    ab.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file (poses ignored)")
+    ab.add_argument("--out", required=True, metavar="INIT.mrc", help="output map")
+    ab.add_argument("--diameter", type=pos_float, default=None, metavar="A",
+                    help="particle diameter (Angstrom; default 0.7 of the box): the start and the solvent mask")
+    ab.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
+    ab.add_argument("--classes", type=pos_int, default=1, metavar="K", help="number of classes (1 only for now)")
+    ab.add_argument("--flip-hand", action="store_true", help="write the mirror image of the map (and its poses)")
+    ab.add_argument("--epochs", type=pos_int, default=12, metavar="E", help="passes over the particles")
+    ab.add_argument("--start-resolution", type=pos_float, default=35.0, metavar="A",
+                    help="first frequency limit (Angstrom)")
+    ab.add_argument("--final-resolution", type=pos_float, default=None, metavar="A",
+                    help="last frequency limit (Angstrom; default max(12, 2.5 pixels))")
+    ab.add_argument("--batch-size", type=pos_int, default=64, metavar="B", help="first minibatch size")
+    ab.add_argument("--max-batch-size", type=pos_int, default=256, metavar="B", help="last minibatch size")
+    ab.add_argument("--max-shift", type=pos_float, default=None, metavar="PX",
+                    help="shift search radius in pixels (default: a sixth of the box)")
+    ab.add_argument("--method", choices=METHODS, default="psgd", help="optimizer of the volume step")
+    ab.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (start, shuffles, pose draws)")
+    ab.add_argument("--resume", action="store_true",
+                    help="continue from INIT.ckpt.npz; an error if it is missing or was made with other settings")
+    ab.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
+                    help="refuse to start when the run needs more memory than this (GiB)")
+    ab.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N", help="images read at a time")
+    ab.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary lines")
+    ab.set_defaults(func=_abinitio)
 
     fsc = sub.add_parser("fsc", formatter_class=_Formatter, help="Fourier shell correlation of two maps",
                          description="FSC between two maps per Fourier shell, the resolution at FSC 0.5 and "
