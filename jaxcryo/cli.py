@@ -802,21 +802,23 @@ def _abinitio(args) -> int:
     from jaxcryo.forward import FourierGrid
     from jaxcryo.geometry import matrix_to_euler
     from jaxcryo.io import InputError, write_map
-    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, format_bytes, load_checkpoint,
-                                  load_particles, open_particles, plan_memory, save_checkpoint,
-                                  write_refined_particles)
+    from jaxcryo.pipeline import (GIB, abinitio_state_template, available_memory_bytes, checkpoint_path,
+                                  checkpoint_settings, format_bytes, load_checkpoint, load_particles, open_particles,
+                                  plan_memory, save_checkpoint, write_refined_particles)
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
     folder = os.path.dirname(out)
     ckpt = checkpoint_path(out)
     star_out = f"{root}_particles.star"
+    check_outputs(star_out, os.path.join(folder, "history.json"), ckpt)
     t_start = time.perf_counter()
     if str(args.symmetry).upper() != "C1":
         raise InputError(f"--symmetry {args.symmetry}: abinitio handles C1 only for now")
     if args.classes != 1:
         raise InputError(f"--classes {args.classes}: several classes are not implemented yet; use --classes 1")
-    table, stack = open_particles(args.star, require_poses=False)
+    table, stack = open_particles(args.star, require_poses=False, datadir=args.datadir)
+    _print_notes(args, table)
     with stack:
         note = stack.pixel_size_note()
         if note:
@@ -848,8 +850,10 @@ def _abinitio(args) -> int:
                     "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift}
         resume = None
         if os.path.exists(ckpt):
-            saved_state, saved = load_checkpoint(ckpt)
+            saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
             if saved == settings:
+                template = abinitio_state_template(method=args.method, box=box, n_particles=n)
+                saved_state, _ = load_checkpoint(ckpt, template)
                 resume = AbInitioState.from_recon_state(saved_state)
                 _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
             elif args.resume:
@@ -861,6 +865,7 @@ def _abinitio(args) -> int:
         elif args.resume:
             raise InputError(f"{ckpt}: no checkpoint to resume from")
 
+        make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
         source = dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
         bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
@@ -901,6 +906,10 @@ def _abinitio(args) -> int:
                    settings={k: v for k, v in settings.items() if not k.endswith("sha1")})
     _write_json(os.path.join(folder, "history.json"), history)
     written = [os.path.basename(out), os.path.basename(star_out), "history.json"]
+    if args.keep_checkpoint:
+        written.append(os.path.basename(ckpt))
+    else:  # the run is done; the checkpoint only matters to extend it
+        remove_file(ckpt)
     h = result.history
     print(f"jaxcryo abinitio: {n} particles, {len(h['epoch'])} epochs, final limit {h['resolution_angstrom'][-1]:.1f} Å, "
           f"angular step {h['angular_step_deg'][-1]:g} deg, {time.perf_counter() - t_start:.1f} s; wrote "
@@ -1080,7 +1089,8 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--top-k", type=pos_int, default=4, metavar="K", help="poses kept per image per step")
     ref.add_argument("--temperature", type=pos_float, default=1.0, metavar="T",
                      help="posterior temperature (> 1 spreads the weight over more poses)")
-    ref.add_argument("--method", choices=METHODS, default="psgd", help="optimizer of the volume step")
+    ref.add_argument("--method", choices=[m for m in METHODS if m != "normal"], default="psgd",
+                    help="optimizer of the volume step")
     ref.add_argument("--batch-size", type=pos_int, default=128, metavar="B", help="images per step")
     ref.add_argument("--interpolation", choices=("nearest", "trilinear"), default="trilinear",
                      help="Fourier slicing")
@@ -1123,13 +1133,17 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--max-batch-size", type=pos_int, default=256, metavar="B", help="last minibatch size")
     ab.add_argument("--max-shift", type=pos_float, default=None, metavar="PX",
                     help="shift search radius in pixels (default: a sixth of the box)")
-    ab.add_argument("--method", choices=METHODS, default="psgd", help="optimizer of the volume step")
+    ab.add_argument("--method", choices=[m for m in METHODS if m != "normal"], default="psgd",
+                    help="optimizer of the volume step")
     ab.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (start, shuffles, pose draws)")
     ab.add_argument("--resume", action="store_true",
                     help="continue from INIT.ckpt.npz; an error if it is missing or was made with other settings")
     ab.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                     help="refuse to start when the run needs more memory than this (GiB)")
     ab.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N", help="images read at a time")
+    ab.add_argument("--keep-checkpoint", action="store_true", help="keep INIT.ckpt.npz after a successful run")
+    ab.add_argument("--datadir", default=None, metavar="DIR",
+                    help="folder holding the particle stacks of a .cs file, when its blob/path does not resolve")
     ab.add_argument("--quiet", action="store_true", help="no progress bars; print only the summary lines")
     ab.set_defaults(func=_abinitio)
 

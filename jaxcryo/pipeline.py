@@ -34,7 +34,7 @@ CHECKPOINT_VERSION = 2  # 2: arrays + JSON only (1 pickled the tree structure)
 
 __all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
            "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
-           "state_template", "refine_state_template",
+           "state_template", "refine_state_template", "abinitio_state_template",
            "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
 
 
@@ -253,6 +253,17 @@ def refine_state_template(*, method: str, box: int, n_particles: int, dtype=np.f
     poses = (jax.ShapeDtypeStruct((2, m, 3, 3), dtype), jax.ShapeDtypeStruct((2, m, 2), dtype),
              jax.ShapeDtypeStruct((2, m), dtype))
     return params, (opt_state, poses), key
+
+
+def abinitio_state_template(*, method: str, box: int, n_particles: int, dtype=np.float32):
+    """Shapes of an ab initio checkpoint's (params, (opt_state, rotations, shifts, max_prob), key):
+    one map, each particle's pose (see :meth:`jaxcryo.abinitio.AbInitioState.to_recon_state`)."""
+    params, opt_state, key = state_template(method=method, box=box, groups=1, dtype=dtype)
+    one = lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype)  # noqa: E731  (drop the group axis)
+    n = int(n_particles)
+    poses = (jax.ShapeDtypeStruct((n, 3, 3), dtype), jax.ShapeDtypeStruct((n, 2), dtype),
+             jax.ShapeDtypeStruct((n,), dtype))
+    return one(params), (jax.tree.map(one, opt_state), *poses), one(key)
 
 
 def save_checkpoint(path, state: ReconState, settings: dict) -> None:

@@ -153,10 +153,9 @@ def test_cli_abinitio_writes_map_star_history_and_resumes(tmp_path, capsys):
     sim = tmp_path / "sim"
     assert cli.main(["simulate", "--out", str(sim), "--n-images", "120", "--box", str(BOX), "--pixel-size", str(PX),
                      "--snr", "1", "--quiet"]) == 0
-    (tmp_path / "ab").mkdir()
-    out = tmp_path / "ab" / "init.mrc"
+    out = tmp_path / "ab" / "init.mrc"  # the folder is created by abinitio
     argv = ["abinitio", str(sim / "particles.star"), "--out", str(out), "--epochs", "1", "--batch-size", "32",
-            "--max-batch-size", "32", "--quiet"]
+            "--max-batch-size", "32", "--quiet", "--keep-checkpoint"]
     capsys.readouterr()
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
@@ -174,10 +173,11 @@ def test_cli_abinitio_writes_map_star_history_and_resumes(tmp_path, capsys):
     assert cli.main(argv + ["--resume"]) == 0
     with mrcfile.open(out) as m:
         np.testing.assert_array_equal(m.data, first)
-    # --flip-hand writes the mirror image
-    assert cli.main(argv + ["--flip-hand"]) == 0
+    # --flip-hand writes the mirror image; without --keep-checkpoint the checkpoint is removed
+    assert cli.main(argv[:-1] + ["--flip-hand"]) == 0
     with mrcfile.open(out) as m:
         np.testing.assert_allclose(m.data, flip_hand(first), atol=1e-6)
+    assert not (tmp_path / "ab" / "init.ckpt.npz").exists()
     # not yet: several classes, a clear error and exit status 2
     capsys.readouterr()
     assert cli.main(argv + ["--classes", "2"]) == 2
