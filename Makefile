@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jaxcryo demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
