@@ -235,11 +235,13 @@ def state_template(*, method: str, box: int, groups: int = 2, r_max: int | None 
     from jaxcryo.reconstruct import make_optimizer
 
     grid = FourierGrid(box, r_max)
-    tx = make_optimizer(method, box=box, r_max=grid.radius)
+    # The normal-equation route keeps no optimizer state (its checkpoints hold opt_state None).
+    tx = None if method == "normal" else make_optimizer(method, box=box, r_max=grid.radius)
 
     def build():
         params = jnp.stack([Problem(grid=grid).zeros(dtype)] * groups)
-        return params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), groups)
+        opt_state = None if tx is None else jax.vmap(tx.init)(params)
+        return params, opt_state, jax.random.split(jax.random.PRNGKey(0), groups)
 
     return jax.eval_shape(build)
 

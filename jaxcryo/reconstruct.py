@@ -715,18 +715,23 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     # One half-set after the other (lax.map): vmapped over the half-sets, XLA's scatter into
     # the tables ran 20x slower on CPU (measured). Every step is one jitted function: eager
     # JAX ops compile one by one (they were half of a 20,000-particle run's time).
+    # A new function per objective: jit caches traces by function, so one closure over a
+    # reassigned `data` would silently reuse the first objective's trace.
     if mesh is None:
         stacked = _stack_groups_numpy(particles, groups)
 
-        def accumulate(st):
-            return with_union(jax.lax.map(lambda p: normal.accumulate(p, data, batch_size), st))
+        def make_accumulate(prob):
+            def accumulate(st):
+                return with_union(jax.lax.map(lambda p: normal.accumulate(p, prob, batch_size), st))
+            return accumulate
     else:
         stacked = dist.shard_groups(particles, groups, mesh, share)
 
-        def accumulate(st):
-            return with_union(jax.lax.map(lambda p: normal.accumulate(p, data, batch_size, axis_name=dist.AXIS),
-                                          st))
-        accumulate = dist.shard(accumulate, mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P())
+        def make_accumulate(prob):
+            def accumulate(st):
+                return with_union(jax.lax.map(
+                    lambda p: normal.accumulate(p, prob, batch_size, axis_name=dist.AXIS), st))
+            return dist.shard(accumulate, mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P())
     shape = grid.volume_shape + (1,)
 
     def reg_of(prob):
@@ -739,7 +744,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
 
 
     t0 = time.perf_counter()
-    acc_compiled = jax.jit(accumulate).lower(stacked).compile()
+    acc_compiled = jax.jit(make_accumulate(data)).lower(stacked).compile()
     compile_seconds = time.perf_counter() - t0
     t_start = time.perf_counter()
     neq, data_diag = acc_compiled(stacked)
@@ -763,12 +768,16 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     t1 = time.perf_counter()
     solve_groups = jax.jit(jax.vmap(one_round, in_axes=(0, None, 0))).lower(neq, reg_of(problem), params).compile()
     compile_seconds += time.perf_counter() - t1
+    # Every solve starts from zero: a round's maps then depend only on its equations and prior
+    # (not on where an earlier round, or a killed run, left off), so a resumed run gives the same
+    # maps as an uninterrupted one. CG from zero costs a few iterations more (stencil: ms each).
+    cold = jnp.zeros_like(params)
     if noise_model == "estimate" and not estimate_noise_now and history.get("noise_weights") is None:
         history["noise_model_note"] = "white: the estimate runs on one process without a mesh"
     if estimate_noise_now:
         # sigma^2 per noise group and shell from the residuals of a sample of each half-set at
         # its white half-map; re-accumulate only when the spectrum is not white.
-        x0 = solve_groups(neq, reg_of(problem), params)[0]
+        x0 = solve_groups(neq, reg_of(problem), cold)[0]
         sample = _stack_groups_numpy(particles, groups[:, :min(noise_sample, groups.shape[1])])
         power, pixels = jax.jit(jax.vmap(lambda p, s: residual_power(p, s, data, n_groups=n_noise)))(x0[:g], sample)
         power, pixels = np.asarray(power, np.float64).sum(0), np.asarray(pixels, np.float64).sum(0)
@@ -781,7 +790,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
             history["noise_weights"] = [[float(x) for x in row] for row in np.atleast_2d(weights)]
             data = problem.data_only()
             t1 = time.perf_counter()
-            acc_compiled = jax.jit(accumulate).lower(stacked).compile()
+            acc_compiled = jax.jit(make_accumulate(data)).lower(stacked).compile()
             compile_seconds += time.perf_counter() - t1
             neq, data_diag = acc_compiled(stacked)
             data_diag = np.asarray(data_diag)
@@ -795,7 +804,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     needed = 2 if (wiener and g == 2) else 1  # a resumed run that has done them has nothing left
     for rnd in range(start + 1, min(rounds, needed) + 1):
         t0 = time.perf_counter()
-        params, iters, _, values, maps = solve_groups(neq, reg_of(problem), params)
+        params, iters, _, values, maps = solve_groups(neq, reg_of(problem), cold)
         maps = np.asarray(maps)
         prior_set = False
         if g == 2 and wiener and problem.shell_lam is None:
@@ -816,7 +825,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
 
     t0 = time.perf_counter()
     if maps is None:  # resumed after the last round: the halves are solved (CG stops at once), the map's system not
-        params, _, _, _, maps = solve_groups(neq, reg_of(problem), params)
+        params, _, _, _, maps = solve_groups(neq, reg_of(problem), cold)
         maps = np.asarray(maps)
     if g == 2:  # maps[2]: both half-sets' equations together, with the half-sets' prior
         volume, maps = maps[2], maps[:2]

@@ -129,7 +129,8 @@ def test_cli_default_is_the_normal_route(tmp_path, monkeypatch):
     out.mkdir()
     assert cli.main(["simulate", "--out", str(sim), "--n-images", "300", "--box", "16", "--pixel-size", "4",
                      "--snr", "1", "--quiet"]) == 0
-    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet"]) == 0
+    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet",
+                     "--keep-checkpoint"]) == 0
     history = json.loads((out / "history.json").read_text())
     assert history["settings"]["method"] == "normal" and history["epoch"] == [1, 2]
     assert {"map.mrc", "map_half1.mrc", "map_half2.mrc", "history.json"} <= {p.name for p in out.iterdir()}
@@ -137,8 +138,11 @@ def test_cli_default_is_the_normal_route(tmp_path, monkeypatch):
     volume, truth = read_map(out / "map.mrc")[0], read_map(sim / "truth.mrc")[0]
     assert jc.fsc(volume, truth)[1:7].mean() > 0.8
     half = read_map(out / "map_half1.mrc")[0]
-    # Rerun: the checkpoint after round 2 is picked up; nothing left but the map's solve.
-    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet"]) == 0
+    # Rerun with --resume: the kept checkpoint after round 2 (arrays + JSON, no optimizer state) is
+    # picked up; nothing left but the map's solve.
+    assert (out / "map.ckpt.npz").exists()
+    assert cli.main(["reconstruct", str(sim / "particles.star"), "--out", str(out / "map.mrc"), "--quiet",
+                     "--resume"]) == 0
     assert json.loads((out / "history.json").read_text())["epoch"] == [1, 2]
     np.testing.assert_array_equal(read_map(out / "map_half1.mrc")[0], half)
     np.testing.assert_allclose(read_map(out / "map.mrc")[0], volume, atol=1e-3 * np.abs(volume).max())
