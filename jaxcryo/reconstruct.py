@@ -680,8 +680,8 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     the residuals of up to ``noise_sample`` particles per half-set at their half-map (one cheap
     pass over a sample: a spectrum needs few images); when some shell's weight differs from
     white by more than ``noise_tol`` the equations are accumulated again with 1/sigma^2 weights
-    (one more pass), else the white equations are kept. Single process only (several processes:
-    white, said in the history).
+    (one more pass), else the white equations are kept. One process (any number of its devices);
+    with several processes the equations stay white (said in the history).
     """
     from jaxcryo import normal
 
@@ -751,7 +751,9 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     if mesh is not None:
         neq, data_diag = dist.to_local((neq, data_diag))
     data_diag = np.asarray(data_diag)
-    estimate_noise_now = (noise_model == "estimate" and resume is None and mesh is None and share is None)
+    # The sample is drawn from this process's rows: all of them unless several processes share.
+    estimate_noise_now = (noise_model == "estimate" and resume is None and share is None
+                          and jax.process_count() == 1)
 
     if resume is None:
         params = jnp.zeros((neq.rhs.shape[0],) + grid.volume_shape + (2,), dtype)
@@ -773,7 +775,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     # maps as an uninterrupted one. CG from zero costs a few iterations more (stencil: ms each).
     cold = jnp.zeros_like(params)
     if noise_model == "estimate" and not estimate_noise_now and history.get("noise_weights") is None:
-        history["noise_model_note"] = "white: the estimate runs on one process without a mesh"
+        history["noise_model_note"] = "white: with several processes the estimate is not made"
     if estimate_noise_now:
         # sigma^2 per noise group and shell from the residuals of a sample of each half-set at
         # its white half-map; re-accumulate only when the spectrum is not white.
@@ -793,6 +795,8 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
             acc_compiled = jax.jit(make_accumulate(data)).lower(stacked).compile()
             compile_seconds += time.perf_counter() - t1
             neq, data_diag = acc_compiled(stacked)
+            if mesh is not None:
+                neq, data_diag = dist.to_local((neq, data_diag))
             data_diag = np.asarray(data_diag)
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     elapsed += t1 - t_start  # the accumulation

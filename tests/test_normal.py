@@ -115,7 +115,9 @@ def test_two_devices_give_the_one_device_maps(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     volume_err, halves_err = map(float, proc.stdout.split()[-2:])
-    assert volume_err < 1e-5 and halves_err < 1e-5
+    # float32 rounding: the psum adds the devices' partial tables in another order, and the CG
+    # solves (from zero) and the noise estimate carry it on (measured 1.0e-5).
+    assert volume_err < 5e-5 and halves_err < 5e-5
 
 
 def test_cli_default_is_the_normal_route(tmp_path, monkeypatch):
