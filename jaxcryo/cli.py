@@ -202,6 +202,28 @@ def remove_file(path: str) -> None:
         pass
 
 
+def _matching_checkpoint(args, ckpt: str, saved: dict | None, settings: dict, load):
+    """The state to resume from, or None to start afresh: ``load(ckpt)`` reads the checkpoint when
+    its settings (``saved``, its JSON; None when there is none) equal ``settings``. With
+    ``--resume`` a missing checkpoint, or one of other settings (named), is an InputError."""
+    from jaxcryo.io import InputError
+
+    if saved is None:
+        if args.resume:
+            raise InputError(f"{ckpt}: no checkpoint to resume from")
+        return None
+    if saved == settings:
+        state = load(ckpt)
+        _note(args, f"resuming from {ckpt} at epoch {state.epoch}")
+        return state
+    if args.resume:
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
+                         "rerun with those settings, or without --resume to start afresh")
+    _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
+    return None
+
+
 def _print_notes(args, table) -> None:
     """The STAR reader's one-line notes (CTF defaults used, columns ignored) on stderr."""
     for text in getattr(table, "notes", ()):
@@ -509,20 +531,8 @@ def _reconstruct(args) -> int:
                 f"of {args.chunk_size}, above the limit of {format_bytes(limit)}; lower --chunk-size, or raise "
                 "--max-memory-gb if the machine has the memory")
 
-        resume = None
-        if saved is not None:
-            if saved == settings:
-                template = state_template(method=args.method, box=box, groups=2 if halves else 1)
-                resume, _ = load_checkpoint(ckpt, template)
-                _note(args, f"resuming from {ckpt} at epoch {resume.epoch}")
-            elif args.resume:
-                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
-                                 "rerun with those settings, or without --resume to start afresh")
-            else:
-                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
-        elif args.resume:
-            raise InputError(f"{ckpt}: no checkpoint to resume from")
+        template = state_template(method=args.method, box=box, groups=2 if halves else 1)
+        resume = _matching_checkpoint(args, ckpt, saved, settings, lambda path: load_checkpoint(path, template)[0])
         if stream and multi:
             raise InputError(f"{args.star}: streaming is single-process; with several processes each one "
                              "holds only its share in memory (raise --max-memory-gb, or add processes)")
@@ -714,23 +724,14 @@ def _refine(args) -> int:
                     "method": args.method, "batch_size": args.batch_size, "seed": args.seed,
                     "global_order": args.global_order, "top_k": args.top_k, "temperature": args.temperature,
                     "symmetry": args.symmetry, "interpolation": args.interpolation}
+        template = refine_state_template(method=args.method, box=box, n_particles=n)
+        saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
+        saved_state = _matching_checkpoint(args, ckpt, saved, settings,
+                                           lambda path: load_checkpoint(path, template)[0])
         resume = None
-        if os.path.exists(ckpt):
-            saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
-            if saved == settings:
-                template = refine_state_template(method=args.method, box=box, n_particles=n)
-                saved_state, _ = load_checkpoint(ckpt, template)
-                opt_state, pose_leaves = saved_state.opt_state
-                resume = RefineState(saved_state._replace(opt_state=opt_state), PoseState(*pose_leaves))
-                _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
-            elif args.resume:
-                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
-                                 "rerun with those settings, or without --resume to start afresh")
-            else:
-                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
-        elif args.resume:
-            raise InputError(f"{ckpt}: no checkpoint to resume from")
+        if saved_state is not None:
+            opt_state, pose_leaves = saved_state.opt_state
+            resume = RefineState(saved_state._replace(opt_state=opt_state), PoseState(*pose_leaves))
 
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
@@ -848,22 +849,11 @@ def _abinitio(args) -> int:
                     "final_resolution": args.final_resolution, "batch_size": args.batch_size,
                     "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
                     "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift}
-        resume = None
-        if os.path.exists(ckpt):
-            saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
-            if saved == settings:
-                template = abinitio_state_template(method=args.method, box=box, n_particles=n)
-                saved_state, _ = load_checkpoint(ckpt, template)
-                resume = AbInitioState.from_recon_state(saved_state)
-                _note(args, f"resuming from {ckpt} at epoch {saved_state.epoch}")
-            elif args.resume:
-                diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise InputError(f"{ckpt}: checkpoint was made with different settings ({', '.join(diff)}); "
-                                 "rerun with those settings, or without --resume to start afresh")
-            else:
-                _note(args, f"{ckpt} was made with other settings; starting afresh (it will be overwritten)")
-        elif args.resume:
-            raise InputError(f"{ckpt}: no checkpoint to resume from")
+        template = abinitio_state_template(method=args.method, box=box, n_particles=n)
+        saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
+        saved_state = _matching_checkpoint(args, ckpt, saved, settings,
+                                           lambda path: load_checkpoint(path, template)[0])
+        resume = None if saved_state is None else AbInitioState.from_recon_state(saved_state)
 
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)

@@ -328,6 +328,16 @@ def _check(volume_pairs, data, grid, rotations, shifts, local=False):
         raise ValueError(f"shifts must be {'(B, S, 2) or ' if local else ''}(S, 2), got {ts}")
 
 
+def _scored_pixels(volume_pairs, data, ctf, grid, pixel_weights, r_limit, interpolation):
+    """What both searches score on: the pixels within ``r_limit`` (a _PixelSet), the projector of
+    the volume onto them, and the images' values, weights and CTF there ((B, P', 2), (B, P'), (B, P'))."""
+    idx = score_pixels(grid, r_limit)
+    pix = _PixelSet(grid.box, grid.freqs[idx])
+    b, dtype = data.shape[0], data.dtype
+    return (pix, _projector(volume_pairs, pix, interpolation), data[:, idx, :],
+            _weights(grid, pixel_weights, idx, b, dtype), _ctf(ctf, idx, b, dtype))
+
+
 def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weights, r_limit, interpolation,
                    chunk, precision):
     """The scan of :func:`score_poses`: (one, rotation chunks, sizes), ``one(chunk (C, 3, 3))`` giving
@@ -337,13 +347,8 @@ def _global_chunks(volume_pairs, data, ctf, rotations, shifts, grid, pixel_weigh
     b = data.shape[0]
     m = rotations.shape[0]
     s = shifts.shape[0]
-    idx = score_pixels(grid, r_limit)
-    pix = _PixelSet(grid.box, grid.freqs[idx])
-    project = _projector(volume_pairs, pix, interpolation)
-    p = idx.size
-    y = data[:, idx, :]
-    w = _weights(grid, pixel_weights, idx, b, dtype)
-    c = _ctf(ctf, idx, b, dtype)
+    pix, project, y, w, c = _scored_pixels(volume_pairs, data, ctf, grid, pixel_weights, r_limit, interpolation)
+    p = y.shape[1]
     yy = jnp.sum(w[..., None] * y * y, axis=(1, 2))  # (B,)
     ramps = jax.vmap(lambda t: shift_phase(pix.freqs, t, grid.box))(jnp.asarray(shifts, dtype))  # (S, P', 2)
     # conj(phase_t) * y: the image translated by +t, weighted by c w
@@ -463,13 +468,8 @@ def score_local(volume_pairs, data, ctf, rotations, shifts, grid: FourierGrid, *
     if shifts.ndim == 2:
         shifts = jnp.broadcast_to(shifts, (b,) + shifts.shape)
     s = shifts.shape[1]
-    idx = score_pixels(grid, r_limit)
-    pix = _PixelSet(grid.box, grid.freqs[idx])
-    project = _projector(volume_pairs, pix, interpolation)
-    p = idx.size
-    y = data[:, idx, :]
-    w = _weights(grid, pixel_weights, idx, b, dtype)
-    c = _ctf(ctf, idx, b, dtype)
+    pix, project, y, w, c = _scored_pixels(volume_pairs, data, ctf, grid, pixel_weights, r_limit, interpolation)
+    p = y.shape[1]
 
     per = int(max(1, min(b, chunk // max(n_rot, 1))))
     n_chunks = -(-b // per)
