@@ -1,4 +1,5 @@
-"""Refinement benchmarks. Part 1 (this file's ``pose`` part): pose-stage throughput.
+"""Refinement benchmarks: ``pose``, the pose stage's throughput; ``epochs``, refine's time and
+quality by epoch on particles whose true poses are known.
 
 Pose stage: image-pose comparisons per second of :func:`jaxcryo.poses.score_poses` (B images
 x M rotations x S shifts at a frequency limit r_limit), against this machine's matmul rate
@@ -12,41 +13,36 @@ load average named) plus a Markdown table.
 
 Timings are medians (and bests) of ``repeats`` calls; on a shared machine the load average
 before and after is recorded beside them.
+
+Refine by epoch: ``jc.refine`` on a STAR file and a reference (e.g. the set made by
+``benchmarks/refine_vs_relion.py``: RELION-simulated particles and the 40 A low-pass of the
+truth), once per volume-step method, recording after every epoch the search in use, the
+half-map resolution, the median angular error of the poses to the truth, the FSC of the map to
+the truth and the seconds so far (compilation excluded, reported apart):
+
+    python benchmarks/refine.py epochs --star /tmp/refine_vs_relion/particles.star \
+        --reference /tmp/refine_vs_relion/ref.mrc --truth-star /tmp/refine_vs_relion/sim/particles.star \
+        --truth-map /tmp/refine_vs_relion/sim/truth.mrc --methods psgd sgd
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
+
 from jaxcryo import poses
 from jaxcryo.forward import FourierGrid, make_ctf_params, volume_to_ft
 from jaxcryo.forward.model import ctf_batch
 from jaxcryo.simulate import synthetic_molecule
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine():
-    dev = jax.devices()[0]
-    return {"platform": platform.platform(), "processor": cpu_model(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "device": str(dev.device_kind),
-            "n_devices": jax.device_count(), "jax": jax.__version__}
 
 
 def timeit(fn, *args, repeats):
@@ -130,9 +126,68 @@ def pose_stage(box, r_limit, batch, order, shift_max, shift_step, chunk, interpo
     }
 
 
+def refine_by_epoch(args):
+    """jc.refine once per method; per epoch: search, resolution, pose error and FSC to the truth."""
+    import dataclasses
+
+    import jaxcryo as jc
+    from jaxcryo.forward.model import ft_to_volume
+    from jaxcryo.fsc import fsc
+    from jaxcryo.io import read_map
+    from jaxcryo.pipeline import load_particles, open_particles
+    from jaxcryo.reconstruct import half_sets
+    from jaxcryo.refine import rotation_angle_deg
+
+    table, stack = open_particles(args.star, require_poses=False)
+    with stack:
+        box, px, n = stack.box_size, float(table.pixel_size_angstrom[0]), len(table)
+        grid = FourierGrid(box)
+        particles = load_particles(dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2))), stack, grid)
+    reference, _ = read_map(args.reference)
+    truth = np.asarray(read_map(args.truth_map)[0], np.float64)
+    truth_table, _ = open_particles(args.truth_star, require_poses=True)
+    where = {name.split("@")[0]: i for i, name in enumerate(truth_table.image_names)}
+    order = np.array([where[name.split("@")[0]] for name in table.image_names])
+    true_rot = np.asarray(jc.geometry.euler_to_matrix(truth_table.euler_deg[order]), np.float64)
+    groups = half_sets(n, halves=True, seed=0)
+    runs = {}
+    for method in args.methods:
+        rows = []
+
+        def on_epoch(state):
+            rot = np.zeros((n, 3, 3))
+            for gi, members in enumerate(groups):
+                keep = members >= 0
+                rot[members[keep]] = np.asarray(state.poses.rotations[gi])[keep]
+            err = rotation_angle_deg(rot, true_rot)
+            h = state.recon.history
+            vol = np.asarray(ft_to_volume(state.recon.params.mean(0), "trilinear"), np.float64)
+            curve = np.asarray(fsc(vol, truth))
+            rows.append({"epoch": h["epoch"][-1], "mode": h["mode"][-1], "angular_step_deg": h["angular_step_deg"][-1],
+                         "r_limit": h["r_limit"][-1], "resolution_angstrom": h["resolution_angstrom"][-1],
+                         "median_angle_error_deg": float(np.median(err)),
+                         "fsc_to_truth_mean": float(curve[1:box // 2 - 1].mean()), "seconds": h["seconds"][-1]})
+            print(method, rows[-1], flush=True)
+
+        result = jc.refine(particles, reference, box=box, pixel_size_angstrom=px, method=method, callback=on_epoch)
+        runs[method] = {"by_epoch": rows, "compile_seconds": result.reconstruction.history.get("compile_seconds")}
+    out = {"machine": machine(), "load_average_1_5_15": os.getloadavg(), "star": os.path.abspath(args.star),
+           "n_particles": n, "box": box, "pixel_size": px, "runs": runs}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"refine_epochs_{args.tag or jax.default_backend()}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["pose"], help="which benchmark to run")
+    ap.add_argument("part", choices=["pose", "epochs"], help="which benchmark to run")
+    ap.add_argument("--star", help="epochs: particle STAR file (poses ignored)")
+    ap.add_argument("--reference", help="epochs: starting map")
+    ap.add_argument("--truth-star", help="epochs: STAR file with the true poses (same image names)")
+    ap.add_argument("--truth-map", help="epochs: the true map")
+    ap.add_argument("--methods", nargs="+", default=["psgd", "sgd"], help="epochs: volume-step methods")
     ap.add_argument("--box", type=int, nargs="+", default=[32])
     ap.add_argument("--r-limit", type=float, nargs="+", default=[8.0],
                     help="frequency limit in Fourier pixels, one per box or one for all")
@@ -147,6 +202,10 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name suffix (default: the JAX backend)")
     args = ap.parse_args(argv)
+    if args.part == "epochs":
+        if not all((args.star, args.reference, args.truth_star, args.truth_map)):
+            ap.error("epochs needs --star, --reference, --truth-star and --truth-map")
+        return refine_by_epoch(args)
 
     precision = jax.lax.Precision.HIGHEST if args.highest else None
     load_before = os.getloadavg()

@@ -68,6 +68,9 @@ class PoseSearch:
     dynamic ``args``). top_k: poses kept per image; temperature: divides the log-likelihoods
     before the posterior (> 1 softens it). r_limit: Fourier radius scored (static: it fixes
     shapes; the stage's ``args["r_mask"]`` can lower it further without recompiling).
+    shift_window_px: with a global search, > 0 scores the shifts within this radius of each
+    particle's current shift (at ``shift_step_px``, total kept within ``max_shift_px``) instead
+    of the whole grid about zero: the rotations stay global, the shifts become local.
     """
 
     mode: str = "global"
@@ -81,6 +84,7 @@ class PoseSearch:
     r_limit: int | None = None
     interpolation: str = "trilinear"
     chunk: int = 4096
+    shift_window_px: float = 0.0
 
     def __post_init__(self):
         if self.mode not in ("global", "local"):
@@ -107,7 +111,9 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
     k = search.top_k
     if search.mode == "global":
         grid_rot = jnp.asarray(poses.so3_grid(search.order))
-        grid_shift = jnp.asarray(poses.shift_grid(search.max_shift_px, search.shift_step_px))
+        window = search.shift_window_px > 0
+        grid_shift = jnp.asarray(poses.shift_grid(search.shift_window_px if window else search.max_shift_px,
+                                                  search.shift_step_px))
 
     def stage(params, batch: Particles, rows: PoseState, key, args):
         del key
@@ -117,11 +123,14 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
         kw = dict(pixel_weights=args["pixel_weights"], r_limit=search.r_limit,
                   interpolation=search.interpolation, chunk=search.chunk)
         if search.mode == "global":
-            scores = poses.score_poses(params, batch.data, c, grid_rot.astype(dtype), grid_shift.astype(dtype),
+            data = _shifted(batch.data, rows.shifts_px.astype(dtype)[:, None], grid)[:, 0] if window else batch.data
+            scores = poses.score_poses(params, data, c, grid_rot.astype(dtype), grid_shift.astype(dtype),
                                        grid, **kw)
             i_rot, i_shift, w, max_prob = poses.top_k(scores / search.temperature, k)
             rot = grid_rot.astype(dtype)[i_rot]
             shift = grid_shift.astype(dtype)[i_shift]
+            if window:
+                shift = _clip_norm(rows.shifts_px.astype(dtype)[:, None] + shift, search.max_shift_px)
         else:
             cand_rot, cand_shift = local_candidates(rows.rotations.astype(dtype), rows.shifts_px.astype(dtype),
                                                     args["step_deg"], args["shift_step_px"],
@@ -361,7 +370,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
            local: bool = False, epochs: int = 12, min_epochs: int = 3, batch_size: int = 128,
            method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
            global_order: int = 2, global_epochs: int = 2, max_shift_px: float | None = None,
-           shift_step_px: float = 1.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
+           shift_step_px: float = 1.0, global_shift_window_px: float = 2.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
            min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
            lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
            chunk: int | None = None,
@@ -383,6 +392,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         gained under 1% and mean pose change under a quarter of the angular step).
       global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
         global search; max_shift_px (default min(5, box/8) px, RELION: 5), shift_step_px: its shift grid.
+      global_shift_window_px: global epochs after the first search the shifts within this radius
+        of each particle's shift (the rotations stay global; 0: the whole grid every time).
       local_step_deg: first local angular step (default half the global step); each later
         epoch halves the angular and shift steps down to ``min_step_deg`` / ``min_shift_step_px``
         (no finer than the resolution needs: atan(resolution / diameter) / 2).
@@ -447,7 +458,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
                    "sigma2": [noise_spectrum(None, particles, problem).tolist()],
                    "next": [{"mode": "local" if local else "global", "step_deg": first_local,
                              "shift_step_px": shift_step_px if local else shift_step_px,
-                             "r_limit": float(min(grid.radius, math.ceil(lp_shell) + margin_shells)),
+                             "r_limit": float(min(grid.radius, math.ceil(lp_shell + 1.0))),  # the low-pass edge ends at cut + 1
                              "global_left": 0 if local else global_epochs}]}
         state = RefineState(ReconState(0, params, opt_state, jax.random.split(key, g), history), pose_state)
     else:
@@ -501,10 +512,13 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         mode = "global" if plan["global_left"] > 0 else "local"
         # Static settings change rarely (mode; the frequency limit in steps of `quantum` shells);
         # the exact limit, steps, noise and prior are dynamic arguments.
-        r_static = int(min(grid.radius, quantum * math.ceil(plan["r_limit"] / quantum)))
+        # (global epochs compile anyway and dominate the run: their limit is exact)
+        q = 1 if mode == "global" else quantum
+        r_static = int(min(grid.radius, q * math.ceil(plan["r_limit"] / q)))
         search = PoseSearch(mode=mode, order=global_order, max_shift_px=max_shift_px,
                             shift_step_px=shift_step_px, top_k=top_k, temperature=temperature,
                             r_limit=r_static, interpolation=interpolation,
+                            shift_window_px=float(global_shift_window_px) if mode == "global" and epoch > 1 else 0.0,
                             chunk=default_chunk(box, interpolation) if chunk is None else int(chunk))
         sigma2 = np.asarray(history["sigma2"][-1])
         reg = jnp.broadcast_to(problem.regularizer(dtype), grid.volume_shape + (1,))

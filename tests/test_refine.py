@@ -94,6 +94,33 @@ def test_pose_stage_finds_grid_poses_and_expands_the_batch(simulated):
     np.testing.assert_allclose(best, np.asarray(model), atol=2e-3 * float(np.abs(model).max()))
 
 
+def test_global_search_with_a_shift_window_around_the_current_shift(simulated):
+    """Global rotations x shifts within 1 px of each particle's current shift: true shifts up to
+    2.8 px away from zero are found from a current shift 1 px off, though the window's grid
+    about zero would not reach them, and the result is kept within max_shift_px."""
+    truth, sim = simulated
+    grid = FourierGrid(BOX)
+    vft = jc.volume_to_ft(jnp.asarray(truth), "trilinear")
+    rots = poses.so3_grid(0)
+    pick = np.random.default_rng(1).choice(len(rots), 4, replace=False)
+    t = np.array([[2.0, 0.0], [-2.0, 2.0], [0.0, -1.0], [1.0, 1.0]], np.float32)
+    current = t - np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 0.0]], np.float32)
+    ctf = jax.tree.map(lambda x: x[:4], sim.ctf)
+    images = render(vft, jnp.asarray(rots[pick]), jnp.asarray(t), ctf, grid)
+    parts = _unposed(type(sim)(np.asarray(images), None, None, None, ctf, 0.0), grid)
+    weights = jnp.asarray(grid.multiplicity / 1e-4, jnp.float32)
+    rows = PoseState(parts.rotations, jnp.asarray(current), jnp.zeros(4))
+    stage = make_pose_stage(PoseSearch(order=0, max_shift_px=3.0, shift_window_px=1.0, top_k=2), grid)
+    _, new = stage(vft, parts, rows, None, {"pixel_weights": weights})
+    assert rotation_angle_deg(new.rotations, rots[pick]).max() < 0.1
+    np.testing.assert_allclose(np.asarray(new.shifts_px), t, atol=1e-6)
+    # A window that cannot reach the truth for the second image (current 1 px off, window 0)
+    # keeps its current shift: the window really is around the current shift, not zero.
+    stage0 = make_pose_stage(PoseSearch(order=0, max_shift_px=3.0, shift_window_px=1e-3, top_k=1), grid)
+    _, stuck = stage0(vft, parts, rows, None, {"pixel_weights": weights})
+    np.testing.assert_allclose(np.asarray(stuck.shifts_px), current, atol=1e-6)
+
+
 def test_resample_map_keeps_the_physical_map():
     """A Gaussian blob of 6 A sigma on a 32-px 2 A grid, resampled to 4 A and a 20-px box, is the
     same blob sampled there."""

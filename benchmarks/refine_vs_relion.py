@@ -1,0 +1,213 @@
+"""`jaxcryo refine` against `relion_refine --auto_refine` on particles RELION simulated.
+
+The particles: poses, CTFs and shifts drawn by ``jaxcryo simulate`` (uniform rotations, defocus
+1-2.5 um, shifts up to 3 px), images made by ``relion_project --ctf --add_noise --white_noise``
+from the map, with the noise set for the requested SNR (variance of the noise-free images over
+that of the noise). The reference: the map low-passed to 40 A by ``relion_image_handler``.
+Both programs get the same STAR file (its poses are ignored: RELION's first iterations and
+jaxcryo's default are global searches) and the same reference; RELION runs as its GUI writes
+a 3D auto-refine job (MPI: 1 leader + 2 followers, --j 1, healpix 2 -> local at 4, offsets
+5 px in 1 px steps, --firstiter_cc, --low_resol_join_halves 40, --norm --scale).
+
+Measured for each: wall time and CPU time (the CPU may be shared: the load average is
+recorded), FSC of the final map to the truth (mean over shells 1 .. N/2-2, and over the upper
+half of them), resolution where that FSC falls below 0.5, and the median angular error of the
+refined poses to the truth (no alignment: the reference fixes the frame).
+
+    python benchmarks/refine_vs_relion.py --volume /path/emd_1832.map --n-images 2000 \\
+        --work /tmp/refine_vs_relion --out benchmarks/results/refine_vs_relion_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from _common import cpu_model, load_average  # noqa: E402
+
+
+def _run(cmd, cwd=None, env=None, log=None) -> tuple[float, float]:
+    """Run a command to completion; (wall seconds, CPU seconds of it and its children)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log or os.devnull, "w") as fh:
+        out = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        tail = open(log).read()[-3000:] if log else ""
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{tail}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def _star_rows(path):
+    import starfile
+
+    blocks = starfile.read(path, always_dict=True)
+    return blocks["particles"] if "particles" in blocks else list(blocks.values())[-1]
+
+
+def pose_errors(refined_star, truth_star, pixel_size):
+    """Per particle: angle (deg) between refined and true rotations, shift error (A)."""
+    from jaxcryo.geometry import euler_to_matrix
+
+    a, t = _star_rows(refined_star), _star_rows(truth_star)
+    where = {str(name).split("@")[0]: i for i, name in enumerate(t["rlnImageName"])}
+    idx = np.array([where[str(name).split("@")[0]] for name in a["rlnImageName"]])
+
+    def mats(rows):
+        e = np.stack([np.asarray(rows[c], np.float64) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], -1)
+        return np.asarray(euler_to_matrix(e), np.float64)
+
+    def origins(rows):
+        if "rlnOriginXAngst" in rows:
+            return np.stack([np.asarray(rows["rlnOriginXAngst"], float), np.asarray(rows["rlnOriginYAngst"], float)], -1)
+        return pixel_size * np.stack([np.asarray(rows["rlnOriginX"], float), np.asarray(rows["rlnOriginY"], float)], -1)
+
+    ra, rt = mats(a), mats(t)[idx]
+    cos = (np.einsum("nij,nij->n", ra, rt) - 1.0) / 2.0
+    angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    shift = np.linalg.norm(origins(a) - origins(t)[idx], axis=-1)
+    return angle, shift
+
+
+def map_quality(path, truth) -> dict:
+    from jaxcryo.fsc import fsc, resolution
+    from jaxcryo.io import read_map
+
+    vol, px = read_map(path)
+    curve = np.asarray(fsc(np.asarray(vol, np.float64), truth))
+    n = truth.shape[0]
+    return {"fsc_to_truth_mean": float(curve[1:n // 2 - 1].mean()),
+            "fsc_to_truth_high_shells": float(curve[n // 4:n // 2 - 1].mean()),
+            "resolution_fsc05_to_truth_angstrom": float(resolution(curve, float(px), 0.5)),
+            "fsc_to_truth": curve.tolist()}
+
+
+def simulate(args, work, env):
+    """particles.star/.mrcs (relion_project with noise), truth.mrc, ref.mrc (40 A low-pass)."""
+    parts = os.path.join(work, "particles.star")
+    if os.path.exists(parts):
+        return parts
+    sim = os.path.join(work, "sim")
+    _run([sys.executable, "-m", "jaxcryo.cli", "simulate", "--volume", args.volume, "--n-images", str(args.n_images),
+          "--snr", "1", "--seed", str(args.seed), "--out", sim, "--quiet"], env=env)
+    from jaxcryo.io import read_map
+
+    truth, px = read_map(os.path.join(sim, "truth.mrc"))
+    _run(["relion_project", "--i", os.path.join(sim, "truth.mrc"), "--ang", os.path.join(sim, "particles.star"),
+          "--ctf", "--angpix", str(px), "--o", os.path.join(work, "clean")], cwd=work)
+    import mrcfile
+
+    with mrcfile.open(os.path.join(work, "clean.mrcs"), permissive=True) as fh:
+        signal = float(np.asarray(fh.data, np.float64).var(axis=(1, 2)).mean())
+    sigma = float(np.sqrt(signal / args.snr))
+    _run(["relion_project", "--i", os.path.join(sim, "truth.mrc"), "--ang", os.path.join(sim, "particles.star"),
+          "--ctf", "--angpix", str(px), "--add_noise", "--white_noise", f"{sigma:.6f}",
+          "--o", os.path.join(work, "particles")], cwd=work)
+    _run(["relion_image_handler", "--i", os.path.join(sim, "truth.mrc"), "--o", os.path.join(work, "ref.mrc"),
+          "--lowpass", str(args.initial_lowpass), "--angpix", str(px)], cwd=work)
+    for name in ("clean.mrcs", "clean.star"):
+        os.remove(os.path.join(work, name))
+    with open(os.path.join(work, "simulation.json"), "w") as fh:
+        json.dump({"signal_variance": signal, "noise_sigma": sigma, "snr": args.snr, "pixel_size": float(px)}, fh)
+    return parts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--volume", default="/work/shared/data/emd_1832.map")
+    ap.add_argument("--n-images", type=int, default=2000)
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--initial-lowpass", type=float, default=40.0)
+    ap.add_argument("--diameter", type=float, default=None, help="RELION's --particle_diameter (A; default the box)")
+    ap.add_argument("--work", default="/tmp/refine_vs_relion")
+    ap.add_argument("--skip-relion", action="store_true", help="reuse RELION's figures from --out when present")
+    ap.add_argument("--jaxcryo-args", default="", help="extra arguments for jaxcryo refine (default: none)")
+    ap.add_argument("--tag", default="default", help="name of this jaxcryo run in the JSON")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "refine_vs_relion_cpu.json"))
+    args = ap.parse_args(argv)
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    parts = simulate(args, work, env)
+    truth_star = os.path.join(work, "sim", "particles.star")
+    from jaxcryo.io import read_map
+
+    truth, px = read_map(os.path.join(work, "sim", "truth.mrc"))
+    truth = np.asarray(truth, np.float64)
+    box = truth.shape[0]
+    diameter = args.diameter or box * float(px)
+
+    previous = {}
+    if os.path.exists(args.out):
+        with open(args.out) as fh:
+            previous = json.load(fh)
+    result = {"benchmark": "refine_vs_relion", "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+              "data": {"volume": os.path.basename(args.volume), "n_images": args.n_images, "box": box,
+                       "pixel_size": float(px), "snr": args.snr, "initial_lowpass": args.initial_lowpass,
+                       "simulated_by": "relion_project --ctf --add_noise --white_noise"},
+              "runs": dict(previous.get("runs", {}))}
+
+    def record(name, wall, cpu, load0, load1, map_path, star_path, command):
+        angle, shift = pose_errors(star_path, truth_star, float(px))
+        run = {"command": command, "wall_seconds": wall, "cpu_seconds": cpu, "load_before": load0, "load_after": load1,
+               "median_angle_error_deg": float(np.median(angle)), "mean_angle_error_deg": float(angle.mean()),
+               "fraction_within_5deg": float((angle < 5).mean()), "median_shift_error_angstrom": float(np.median(shift))}
+        run.update(map_quality(map_path, truth))
+        result["runs"][name] = run
+        print(name, {k: v for k, v in run.items() if k != "fsc_to_truth"}, flush=True)
+
+    relion = shutil.which("relion_refine_mpi")
+    if relion and not (args.skip_relion and "relion_refine --auto_refine" in result["runs"]):
+        out = os.path.join(work, "relion")
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi",
+               "--o", os.path.join(out, "run"), "--auto_refine", "--split_random_halves", "--i", parts,
+               "--ref", os.path.join(work, "ref.mrc"), "--firstiter_cc", "--ini_high", str(args.initial_lowpass),
+               "--dont_combine_weights_via_disc", "--pool", "3", "--pad", "2", "--ctf",
+               "--particle_diameter", f"{diameter:g}", "--flatten_solvent", "--zero_mask", "--oversampling", "1",
+               "--healpix_order", "2", "--auto_local_healpix_order", "4", "--offset_range", "5", "--offset_step", "2",
+               "--sym", "C1", "--low_resol_join_halves", "40", "--norm", "--scale", "--j", "1"]
+        load0 = load_average()
+        wall, cpu = _run(cmd, cwd=work, log=os.path.join(work, "relion.log"))
+        record("relion_refine --auto_refine", wall, cpu, load0, load_average(), os.path.join(out, "run_class001.mrc"),
+               os.path.join(out, "run_data.star"), " ".join(cmd))
+
+    out = os.path.join(work, f"jaxcryo_{args.tag}")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "jaxcryo.cli", "refine", parts, "--reference", os.path.join(work, "ref.mrc"),
+           "--out", os.path.join(out, "map.mrc"), "--quiet"] + shlex.split(args.jaxcryo_args)
+    load0 = load_average()
+    wall, cpu = _run(cmd, env=env, log=os.path.join(work, f"jaxcryo_{args.tag}.log"))
+    record(f"jaxcryo refine {args.tag}", wall, cpu, load0, load_average(), os.path.join(out, "map.mrc"),
+           os.path.join(out, "map_particles.star"), " ".join(["jaxcryo"] + cmd[3:]))
+    with open(os.path.join(out, "history.json")) as fh:
+        hist = json.load(fh)
+    result["runs"][f"jaxcryo refine {args.tag}"]["epochs"] = {
+        k: hist.get(k) for k in ("resolution_angstrom", "angular_step_deg", "mean_pose_change_deg", "mode", "seconds")}
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
