@@ -9,6 +9,7 @@ so the process does not run out of file descriptors.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import queue
 import threading
@@ -149,6 +150,7 @@ class ParticleStack:
                 # Reading in file order is kinder to disks than the caller's order.
                 order = np.argsort(image_numbers, kind="stable")
                 out[at[order]] = data[image_numbers[order]]
+                _release_pages(data)
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             i = int(np.argmin(finite))
@@ -212,6 +214,24 @@ class ParticleStack:
     def _where(self, row: int) -> str:
         source_row = int(self.table.source_rows[row]) + 1
         return f"{self._label}: row {source_row} (rlnImageName {str(self.table.image_names[row])!r})"
+
+
+def _release_pages(data) -> None:
+    """Drop the pages of a memory-mapped array from this process (they stay in the page cache).
+
+    Pages of a file mapping count in the process's resident memory once touched and stay there
+    until the kernel needs them: a streamed run that sweeps the whole stack every epoch would
+    otherwise grow to the stack's size. MADV_DONTNEED unmaps them; the next read faults them
+    back in from the page cache.
+    """
+    base = data
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(base, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            base.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed, or not supported here: only memory is at stake
+            pass
 
 
 _DONE = object()
