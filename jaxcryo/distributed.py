@@ -41,8 +41,8 @@ from jaxcryo.loss import Problem, loss, subset, value_grad_hvp
 
 AXIS = "particles"
 
-__all__ = ["AXIS", "HostShare", "split_halves", "half_sets", "initialize", "slurm_settings", "make_mesh", "n_devices",
-           "host_share", "shard_groups", "replicate", "to_local", "gather_batch",
+__all__ = ["AXIS", "HostShare", "split_halves", "half_sets", "initialize", "slurm_settings", "make_mesh", "mesh_for",
+           "n_devices", "host_share", "shard_groups", "replicate", "to_local", "gather_batch",
            "value_grad_hvp_psum", "sharded_exact_diagonal", "shard"]
 
 
@@ -120,6 +120,17 @@ def make_mesh(devices: int | Sequence | None = None) -> Mesh:
     else:
         chosen = list(devices)
     return Mesh(np.asarray(chosen), (AXIS,))
+
+
+def mesh_for(devices: int | None = None, mesh: Mesh | None = None) -> Mesh | None:
+    """The mesh a driver runs on: ``mesh``, else one over ``devices`` local devices (default:
+    all) when there are several or several processes; None for one device of one process (the
+    plain path, no collectives)."""
+    if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
+        mesh = make_mesh(devices)
+    if mesh is not None and jax.process_count() == 1 and n_devices(mesh) == 1:
+        mesh = None
+    return mesh
 
 
 def n_devices(mesh: Mesh | None) -> int:

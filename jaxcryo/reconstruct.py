@@ -509,10 +509,7 @@ def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size
         n_noise = int(np.max(multihost_utils.process_allgather(np.asarray(n_noise))))
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
-    if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
-        mesh = dist.make_mesh(devices)
-    if mesh is not None and jax.process_count() == 1 and dist.n_devices(mesh) == 1:
-        mesh = None  # one device: the plain path, no collectives
+    mesh = dist.mesh_for(devices, mesh)  # None on one device: the plain path, no collectives
     groups = _split_halves(split_key, source.n_particles, halves)
     g = groups.shape[0]
     layout = BlockLayout(groups, source.block_size)
@@ -580,7 +577,8 @@ def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size
             d = parts[0][0]
         else:
             w = sum(p[1] for p in parts)
-            d = sum(p[0] * p[1].reshape((g,) + (1,) * 4) for p in parts) / jnp.maximum(w, 1e-12).reshape((g,) + (1,) * 4)
+            per_group = lambda x: x.reshape((g,) + (1,) * 4)  # noqa: E731
+            d = sum(p[0] * per_group(p[1]) for p in parts) / per_group(jnp.maximum(w, 1e-12))
         d = jnp.asarray(d) + 2.0 * prob.regularizer(dtype)
         return d if mesh is None else dist.replicate(d, mesh)
 
