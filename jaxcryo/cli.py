@@ -463,7 +463,8 @@ def _reconstruct(args) -> int:
     from jaxcryo.io import InputError, ParticleStack, write_map
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
                                   load_checkpoint, load_particles, open_particles, plan_memory, plan_streaming,
-                                  reconstruct_streaming, runtime_memory_bytes, save_checkpoint, state_template)
+                                  reconstruct_streaming, runtime_memory_bytes, save_checkpoint, state_template,
+                                  limit_heap_growth)
 
     import jax
 
@@ -501,6 +502,7 @@ def _reconstruct(args) -> int:
         groups = 2 if halves else 1
         # The plan counts what the run holds: this process's runtime (measured now), particles or
         # streamed blocks, volumes, compiled-step scratch, image chunks (see jaxcryo.pipeline).
+        limit_heap_growth()
         sizes = dict(groups=groups, batch_size=args.batch_size, interpolation=args.interpolation,
                      runtime_bytes=runtime_memory_bytes())
         plan = plan_memory(n, box, chunk_size=args.chunk_size or 4096, **sizes)
@@ -540,8 +542,8 @@ def _reconstruct(args) -> int:
         if needed > limit:
             raise InputError(
                 f"{args.star}: {n} particles of {box} px need {format_bytes(needed)} even when streamed in chunks "
-                f"of {chunk}, above the limit of {format_bytes(limit)}; lower --chunk-size, or raise "
-                "--max-memory-gb if the machine has the memory")
+                f"of {chunk}, above the limit of {format_bytes(limit)}; lower --chunk-size or --batch-size, or "
+                "raise --max-memory-gb if the machine has the memory")
 
         template = state_template(method=args.method, box=box, groups=2 if halves else 1)
         resume = _matching_checkpoint(args, ckpt, saved, settings, lambda path: load_checkpoint(path, template)[0])

@@ -33,7 +33,7 @@ GIB = 1024 ** 3
 CHECKPOINT_VERSION = 2  # 2: arrays + JSON only (1 pickled the tree structure)
 
 __all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
-           "plan_memory", "plan_streaming", "step_scratch_bytes", "runtime_memory_bytes",
+           "plan_memory", "plan_streaming", "step_scratch_bytes", "runtime_memory_bytes", "limit_heap_growth",
            "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
            "state_template", "refine_state_template", "abinitio_state_template",
            "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming",
@@ -199,7 +199,28 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-XLA_PROGRAMS_BYTES = 96 * 1024 ** 2  # compiled programs, XLA's thread pools and allocator (measured, CPU)
+XLA_PROGRAMS_BYTES = 256 * 1024 ** 2
+"""What a run's compilations add to the process for good: XLA's compiled programs (the block
+function, the diagonal, residual and loss passes, the FFT), its thread pools and the allocator's
+pages kept after compiling (measured on CPU: +220 MiB at box 32, +250 at box 64, with
+:func:`limit_heap_growth`)."""
+
+
+def limit_heap_growth() -> None:
+    """Keep freed memory from piling up in glibc's heaps (Linux; elsewhere nothing happens): at most
+    two malloc arenas, and blocks of 1 MiB or more from mmap, returned to the system when freed.
+
+    A streamed run reads image chunks in a thread and frees them in another; glibc's default
+    (one arena per thread, a threshold that rises to 32 MiB) kept every freed chunk, and the
+    resident memory crept up epoch after epoch (measured: 599 -> 507 MiB peak at box 32 with
+    these settings, flat across epochs)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
+    except (OSError, AttributeError):
+        pass
 
 
 def runtime_memory_bytes() -> int:
@@ -218,12 +239,14 @@ def runtime_memory_bytes() -> int:
 def step_scratch_bytes(box: int, *, batch_size: int = 128, n_probes: int = 1, groups: int = 2,
                        interpolation: str = "trilinear", r_max: int | None = None, dtype_bytes: int = 4) -> int:
     """Scratch of one compiled minibatch step for all half-sets: the batch's pairs, its slices and
-    residuals for the map and each Hutchinson probe (forward and adjoint), and the interpolation
-    stencil of every pixel (8 corners for trilinear: indices and weights); about 40 floats per
-    pixel and image with one probe (checked against XLA's memory analysis in the tests)."""
+    residuals for the map and each Hutchinson probe (forward, adjoint and line-search trials),
+    and the interpolation stencil of every pixel (8 corners for trilinear: indices, weights and
+    their products); about 110 floats per pixel and image with one probe (XLA's memory analysis
+    of the compiled block function: 38 MiB at box 32, 163 MiB at box 64, batch 128; this gives
+    43 and 178 MiB; a test checks it stays above)."""
     grid = FourierGrid(box, r_max)
     corners = 8 if interpolation == "trilinear" else 1
-    per_pixel = 2 + 6 * (1 + n_probes) + 3 * corners * 2
+    per_pixel = 4 + 12 * (1 + n_probes) + 10 * corners
     return int(groups * batch_size * grid.n_pixels * per_pixel * dtype_bytes)
 
 
@@ -492,12 +515,13 @@ def plan_streaming(box: int, *, n_images: int, r_max: int | None = None, groups:
     block_images = groups * -(-m // n_blocks)
     per_pair = (grid.n_pixels * 2 + 9 + 9 + 1 + 1) * dtype_bytes
     image = box * box * dtype_bytes
-    base = plan_memory(1, box, r_max=r_max, groups=groups, batch_size=min(batch_size, block_images // groups),
-                       n_probes=n_probes, interpolation=interpolation, dtype_bytes=dtype_bytes)
+    volumes = plan_memory(1, box, r_max=r_max, groups=groups, dtype_bytes=dtype_bytes).volumes_bytes
+    scratch = step_scratch_bytes(box, batch_size=min(batch_size, block_images // groups), n_probes=n_probes,
+                                 groups=groups, interpolation=interpolation, r_max=r_max, dtype_bytes=dtype_bytes)
     prepare = PREPARE_BATCH * box * box * 8 * dtype_bytes  # complex FFT input, output and shift ramp
-    return MemoryPlan(particles_bytes=3 * block_images * per_pair, volumes_bytes=base.volumes_bytes,
+    return MemoryPlan(particles_bytes=3 * block_images * per_pair, volumes_bytes=volumes,
                       chunk_bytes=(int(prefetch) + 2) * block_images * image + prepare,
-                      scratch_bytes=base.scratch_bytes, runtime_bytes=int(runtime_bytes))
+                      scratch_bytes=scratch, runtime_bytes=int(runtime_bytes))
 
 
 def plan_streaming_bytes(box: int, *, r_max: int | None = None, groups: int = 2, chunk_size: int = 4096,

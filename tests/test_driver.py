@@ -133,6 +133,38 @@ def test_streamed_memory_is_the_plan_and_flat(tmp_path):
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     (plan_n, peak_n, err), (plan_4n, peak_4n, _) = (_planned_and_peak(p) for p in procs)
     assert "runtime" in err and "blocks in flight" in err, err
-    assert abs(plan_4n - plan_n) < 0.02 * plan_n  # the same blocks: the plan does not grow with the stack
-    assert peak_n < plan_n and peak_4n < plan_4n, (peak_n, plan_n, peak_4n, plan_4n)
-    assert peak_4n - peak_n < 16 * 1024 ** 2, (peak_n, peak_4n)  # the 4N stack is 29 MiB larger
+    # The same blocks: the plan grows only by the STAR table held (measured with the runtime, ~2 KB a row).
+    assert abs(plan_4n - plan_n) < 24 * 1024 ** 2, (plan_n, plan_4n)
+    print(f"planned {plan_n / 2**20:.0f} / {plan_4n / 2**20:.0f} MiB, peak {peak_n / 2**20:.0f} / {peak_4n / 2**20:.0f} MiB")
+    assert 0.6 * plan_n < peak_n < plan_n and 0.6 * plan_4n < peak_4n < plan_4n, (peak_n, plan_n, peak_4n, plan_4n)
+    # The 4N stack is 29 MiB larger and is swept whole; the table adds ~2 KB a row.
+    assert peak_4n - peak_n < 24 * 1024 ** 2, (peak_n, peak_4n)
+
+
+def test_step_scratch_estimate_bounds_xla_memory_analysis():
+    """The plan's compiled-step scratch is above what XLA allocates for the block function, and not far above."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcryo.forward import make_ctf_params
+    from jaxcryo.forward.model import Particles
+    from jaxcryo.loss import Problem
+    from jaxcryo.pipeline import plan_memory, step_scratch_bytes
+    from jaxcryo.reconstruct import group_functions, make_optimizer
+
+    box, rows, batch = 24, 96, 32
+    grid = FourierGrid(box)
+    tx = make_optimizer("psgd", box=box)
+    fn, _ = group_functions(Problem(grid=grid, lam=1e-4), tx, batch_size=batch, n_probes=1, exact=False,
+                            average=True, blocks=True)
+    params = jnp.zeros((2,) + grid.volume_shape + (2,))
+    ctf = jax.tree.map(lambda x: jnp.broadcast_to(x, (2, rows)),
+                       make_ctf_params(rows, pixel_size_angstrom=2.0, defocus_u_angstrom=1e4))
+    block = Particles(jnp.zeros((2, rows, grid.n_pixels, 2)), jnp.zeros((2, rows, 3, 3)), ctf, jnp.ones((2, rows)))
+    compiled = jax.jit(fn).lower(params, jax.vmap(tx.init)(params), jax.random.split(jax.random.PRNGKey(0), 2),
+                                 block, None, jnp.int32(0), jnp.int32(0), params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # XLA's temporaries hold the step's volume-sized buffers too (gradient, HVP, probes, trials),
+    # which the plan counts among its volumes
+    estimate = step_scratch_bytes(box, batch_size=batch) + plan_memory(1, box).volumes_bytes
+    assert temp < estimate < 3 * temp, (temp, estimate)
