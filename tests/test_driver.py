@@ -114,15 +114,15 @@ def _planned_and_peak(proc):
 
 
 def test_streamed_memory_is_the_plan_and_flat(tmp_path):
-    """A real streamed run (subprocess) peaks under its printed plan, and 4x the images do not
-    raise the peak (the stack's pages are released after every read; blocks are the same size)."""
+    """A real streamed run (subprocess) peaks under its printed plan, and 6x the images do not
+    raise the peak beyond the larger table (the stack is read, not mapped; same blocks)."""
     import subprocess
     import sys
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXCRYO_CACHE_DIR="",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = []
-    for n in (2500, 10000):
+    for n in (2000, 12000):
         folder = tmp_path / str(n)
         folder.mkdir()
         star = _noise_set(folder, n)
@@ -131,14 +131,16 @@ def test_streamed_memory_is_the_plan_and_flat(tmp_path):
              "--chunk-size", "1024", "--epochs", "1", "--method", "psgd", "--wiener-after", "0",
              "--noise-model", "white", "--max-memory-gb", "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    (plan_n, peak_n, err), (plan_4n, peak_4n, _) = (_planned_and_peak(p) for p in procs)
+    (plan_n, peak_n, err), (plan_6n, peak_6n, _) = (_planned_and_peak(p) for p in procs)
     assert "runtime" in err and "blocks in flight" in err, err
     # The same blocks: the plan grows only by the STAR table held (measured with the runtime, ~2 KB a row).
-    assert abs(plan_4n - plan_n) < 24 * 1024 ** 2, (plan_n, plan_4n)
-    print(f"planned {plan_n / 2**20:.0f} / {plan_4n / 2**20:.0f} MiB, peak {peak_n / 2**20:.0f} / {peak_4n / 2**20:.0f} MiB")
-    assert 0.6 * plan_n < peak_n < plan_n and 0.6 * plan_4n < peak_4n < plan_4n, (peak_n, plan_n, peak_4n, plan_4n)
-    # The 4N stack is 29 MiB larger and is swept whole; the table adds ~2 KB a row.
-    assert peak_4n - peak_n < 24 * 1024 ** 2, (peak_n, peak_4n)
+    mib = 1024 ** 2
+    assert abs(plan_6n - plan_n) < 32 * mib, (plan_n, plan_6n)
+    print(f"planned {plan_n / mib:.0f} / {plan_6n / mib:.0f} MiB, peak {peak_n / mib:.0f} / {peak_6n / mib:.0f} MiB")
+    assert 0.6 * plan_n < peak_n < plan_n and 0.6 * plan_6n < peak_6n < plan_6n, (peak_n, plan_n, peak_6n, plan_6n)
+    # The 6N stack is 39 MiB larger and is swept whole (a memory-mapped read kept all of it); the
+    # peak grows by no more than the table the plan measured, up to 16 MiB of noise.
+    assert peak_6n - peak_n < (plan_6n - plan_n) + 16 * mib, (peak_n, peak_6n, plan_n, plan_6n)
 
 
 def test_step_scratch_estimate_bounds_xla_memory_analysis():
