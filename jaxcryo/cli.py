@@ -657,7 +657,7 @@ def _refine(args) -> int:
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
                                   load_checkpoint, load_particles, open_particles, plan_memory,
                                   refine_state_template, runtime_memory_bytes, save_checkpoint,
-                                  write_refined_particles)
+                                  write_refined_particles, REFINE_PROGRAMS_BYTES, limit_heap_growth)
     from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
 
     out = _check_output_folder(args.out)
@@ -711,17 +711,18 @@ def _refine(args) -> int:
             mask = np.clip(mask, 0.0, 1.0)
         if args.diameter is not None and args.diameter > box * px:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
+        limit_heap_growth()
         plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size, batch_size=args.batch_size,
                            interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
         scratch = pose_stage_bytes(min(args.batch_size, n), box, global_order=args.global_order, top_k=args.top_k,
                                    interpolation=args.interpolation)
-        needed = plan.in_memory_bytes + scratch
+        needed = plan.in_memory_bytes + scratch + REFINE_PROGRAMS_BYTES
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
         _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
                    f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
                    f"searches, at most {args.epochs} epochs; memory needed about {format_bytes(needed)} "
-                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch), "
-                   f"limit {format_bytes(limit)}")
+                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch and "
+                   f"{format_bytes(REFINE_PROGRAMS_BYTES)} of refine's compiled epochs), limit {format_bytes(limit)}")
         if needed > limit:
             raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, above the "
                              f"limit of {format_bytes(limit)}; lower --batch-size or --global-order, or raise "
