@@ -462,8 +462,9 @@ def _reconstruct(args) -> int:
     from jaxcryo.fsc import resolution
     from jaxcryo.io import InputError, ParticleStack, write_map
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
-                                  load_checkpoint, load_particles, open_particles, plan_memory,
-                                  plan_streaming_bytes, reconstruct_streaming, save_checkpoint, state_template)
+                                  load_checkpoint, load_particles, open_particles, plan_memory, plan_streaming,
+                                  reconstruct_streaming, runtime_memory_bytes, save_checkpoint, state_template,
+                                  limit_heap_growth)
 
     import jax
 
@@ -499,8 +500,12 @@ def _reconstruct(args) -> int:
             _note(args, f"{args.star} has no defocus (rlnDefocusU); reconstructing without CTF")
         grid = FourierGrid(box)
         groups = 2 if halves else 1
-        plan = plan_memory(n, box, groups=groups, chunk_size=args.chunk_size)
-        stream_bytes = plan_streaming_bytes(box, groups=groups, chunk_size=args.chunk_size)
+        # The plan counts what the run holds: this process's runtime (measured now), particles or
+        # streamed blocks, volumes, compiled-step scratch, image chunks (see jaxcryo.pipeline).
+        limit_heap_growth()
+        sizes = dict(groups=groups, batch_size=args.batch_size, interpolation=args.interpolation,
+                     runtime_bytes=runtime_memory_bytes())
+        plan = plan_memory(n, box, chunk_size=args.chunk_size or 4096, **sizes)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
 
         if args.method is None:  # the normal equations hold every particle in one process's memory
@@ -509,15 +514,24 @@ def _reconstruct(args) -> int:
         saved = None
         if os.path.exists(ckpt):
             saved = checkpoint_settings(ckpt)  # JSON only; the arrays are read once the settings match
-        # A checkpoint made streaming keeps streaming (its minibatches are drawn within chunks).
-        stream = args.stream or plan.in_memory_bytes > limit or (
-            saved is not None and saved.get("mode") == f"stream {args.chunk_size}"
-            and saved == {**settings, "mode": saved["mode"]})
+        # A checkpoint made streaming keeps streaming, in its blocks (its minibatches are drawn within them).
+        saved_chunk = None
+        if (saved is not None and str(saved.get("mode", "")).startswith("stream ")
+                and saved == {**settings, "mode": saved["mode"]}
+                and args.chunk_size in (None, int(saved["mode"].split()[1]))):
+            saved_chunk = int(saved["mode"].split()[1])
+        stream = args.stream or plan.in_memory_bytes > limit or saved_chunk is not None
+        chunk = saved_chunk or args.chunk_size or 4096
         if stream:
-            settings["mode"] = f"stream {args.chunk_size}"
-            needed = stream_bytes
-            how = (f"streaming chunks of {args.chunk_size} images from disk (the whole set in memory would need "
-                   f"{format_bytes(plan.in_memory_bytes)})")
+            # Without --chunk-size, the largest power-of-two block (up to 4096) whose run fits the limit.
+            while (saved_chunk is None and args.chunk_size is None and chunk > 256
+                   and plan_streaming(box, n_images=n, chunk_size=chunk, **sizes).in_memory_bytes > limit):
+                chunk //= 2
+            settings["mode"] = f"stream {chunk}"
+            splan = plan_streaming(box, n_images=n, chunk_size=chunk, **sizes)
+            needed = splan.in_memory_bytes
+            how = (f"streaming blocks of {chunk} images from disk: {splan.describe('blocks in flight')}; "
+                   f"the whole set in memory would need {format_bytes(plan.in_memory_bytes)}")
         else:
             needed = plan.in_memory_bytes
             how = f"in memory: {plan.describe()}"
@@ -528,8 +542,8 @@ def _reconstruct(args) -> int:
         if needed > limit:
             raise InputError(
                 f"{args.star}: {n} particles of {box} px need {format_bytes(needed)} even when streamed in chunks "
-                f"of {args.chunk_size}, above the limit of {format_bytes(limit)}; lower --chunk-size, or raise "
-                "--max-memory-gb if the machine has the memory")
+                f"of {chunk}, above the limit of {format_bytes(limit)}; lower --chunk-size or --batch-size, or "
+                "raise --max-memory-gb if the machine has the memory")
 
         template = state_template(method=args.method, box=box, groups=2 if halves else 1)
         resume = _matching_checkpoint(args, ckpt, saved, settings, lambda path: load_checkpoint(path, template)[0])
@@ -538,8 +552,6 @@ def _reconstruct(args) -> int:
                              "holds only its share in memory (raise --max-memory-gb, or add processes)")
         if stream and args.method == "normal":
             raise InputError(f"{args.star}: --method normal needs every particle in memory; use --method psgd")
-        if stream and args.method == "psgd-exact":
-            raise InputError(f"{args.star}: psgd-exact needs every particle in memory; use --method psgd")
 
         if lead:
             make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
@@ -565,8 +577,9 @@ def _reconstruct(args) -> int:
             rec = reconstruct_streaming(table, stack, box=box, pixel_size_angstrom=px, method=args.method,
                                         interpolation=args.interpolation, epochs=args.epochs,
                                         batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
-                                        chunk_size=args.chunk_size, resume=resume, callback=on_epoch,
-                                        progress=on_chunk, symmetry=args.symmetry, noise_model=args.noise_model)
+                                        chunk_size=chunk, resume=resume, callback=on_epoch,
+                                        progress=on_chunk, symmetry=args.symmetry, noise_model=args.noise_model,
+                                        wiener_after=args.wiener_after, devices=args.devices)
             images_bar.close()
         else:
             mesh = share = None
@@ -578,7 +591,7 @@ def _reconstruct(args) -> int:
                 my_stack = ParticleStack(mine)
             bar = tqdm(total=len(mine), desc="reading particles", unit="img", disable=args.quiet, leave=False,
                        position=1)
-            particles = load_particles(mine, my_stack, grid, chunk_size=args.chunk_size, progress=bar.update,
+            particles = load_particles(mine, my_stack, grid, chunk_size=chunk, progress=bar.update,
                                        optics_groups=np.unique(table.optics_group))
             bar.close()
             if my_stack is not stack:
@@ -643,7 +656,8 @@ def _refine(args) -> int:
     from jaxcryo.io import InputError, read_map, write_map
     from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
                                   load_checkpoint, load_particles, open_particles, plan_memory,
-                                  refine_state_template, save_checkpoint, write_refined_particles)
+                                  refine_state_template, runtime_memory_bytes, save_checkpoint,
+                                  write_refined_particles, REFINE_PROGRAMS_BYTES, limit_heap_growth)
     from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
 
     out = _check_output_folder(args.out)
@@ -697,16 +711,18 @@ def _refine(args) -> int:
             mask = np.clip(mask, 0.0, 1.0)
         if args.diameter is not None and args.diameter > box * px:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
-        plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size)
+        limit_heap_growth()
+        plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                           interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
         scratch = pose_stage_bytes(min(args.batch_size, n), box, global_order=args.global_order, top_k=args.top_k,
                                    interpolation=args.interpolation)
-        needed = plan.in_memory_bytes + scratch
+        needed = plan.in_memory_bytes + scratch + REFINE_PROGRAMS_BYTES
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
         _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
                    f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
                    f"searches, at most {args.epochs} epochs; memory needed about {format_bytes(needed)} "
-                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch), "
-                   f"limit {format_bytes(limit)}")
+                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch and "
+                   f"{format_bytes(REFINE_PROGRAMS_BYTES)} of refine's compiled epochs), limit {format_bytes(limit)}")
         if needed > limit:
             raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, above the "
                              f"limit of {format_bytes(limit)}; lower --batch-size or --global-order, or raise "
@@ -1007,8 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="passes over the data (see README for the measurement behind the default)")
     rec.add_argument("--wiener-after", type=int, default=2, metavar="E",
                      help="after E epochs, add a Wiener prior per Fourier shell estimated from the half-maps' "
-                          "FSC (RELION-style gold-standard regularisation; 0: never; ignored with --no-halves "
-                          "and when streaming)")
+                          "FSC (RELION-style gold-standard regularisation; 0: never; ignored with --no-halves)")
     rec.add_argument("--noise-model", choices=("estimate", "white"), default="estimate",
                      help="estimate: noise power per Fourier shell and optics group from the residuals (after "
                           "epoch 1, refreshed every epoch), each pixel weighted by 1/sigma^2; white: equal weights")
@@ -1040,8 +1055,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                      help="refuse to start when the run needs more memory than this (GiB; default: 80%% of "
                           "the memory available at start)")
-    rec.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N",
-                     help="images read and Fourier transformed at a time (and, when streaming, swept at a time)")
+    rec.add_argument("--chunk-size", type=pos_int, default=None, metavar="N",
+                     help="images read and Fourier transformed at a time (and, when streaming, swept at a time; "
+                          "default 4096, or when streaming the largest power of two up to 4096 that fits "
+                          "--max-memory-gb)")
     rec.add_argument("--stream", action="store_true",
                      help="read the particles from disk chunk by chunk every epoch instead of holding them in "
                           "memory (chosen automatically when they do not fit under --max-memory-gb)")

@@ -41,8 +41,8 @@ from jaxcryo.loss import Problem, loss, subset, value_grad_hvp
 
 AXIS = "particles"
 
-__all__ = ["AXIS", "HostShare", "initialize", "slurm_settings", "make_mesh", "n_devices",
-           "host_share", "shard_groups", "replicate", "to_local", "gather_batch",
+__all__ = ["AXIS", "HostShare", "split_halves", "half_sets", "initialize", "slurm_settings", "make_mesh", "mesh_for",
+           "n_devices", "host_share", "shard_groups", "replicate", "to_local", "gather_batch",
            "value_grad_hvp_psum", "sharded_exact_diagonal", "shard"]
 
 
@@ -122,6 +122,17 @@ def make_mesh(devices: int | Sequence | None = None) -> Mesh:
     return Mesh(np.asarray(chosen), (AXIS,))
 
 
+def mesh_for(devices: int | None = None, mesh: Mesh | None = None) -> Mesh | None:
+    """The mesh a driver runs on: ``mesh``, else one over ``devices`` local devices (default:
+    all) when there are several or several processes; None for one device of one process (the
+    plain path, no collectives)."""
+    if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
+        mesh = make_mesh(devices)
+    if mesh is not None and jax.process_count() == 1 and n_devices(mesh) == 1:
+        mesh = None
+    return mesh
+
+
 def n_devices(mesh: Mesh | None) -> int:
     """Devices along the particle axis (1 without a mesh)."""
     return 1 if mesh is None else int(mesh.shape[AXIS])
@@ -138,6 +149,25 @@ class HostShare(NamedTuple):
 
     rows: np.ndarray
     n_total: int
+
+
+def split_halves(key, n: int, halves: bool = True) -> np.ndarray:
+    """Index arrays (G, m) of each half-set (G = 2, or 1 without halves), padded with -1."""
+    if not halves:
+        return np.arange(n)[None]
+    perm = np.asarray(jax.jit(lambda k: jax.random.permutation(k, n))(key))  # eager: ~10 compiles
+    m = -(-n // 2)
+    out = -np.ones((2, m), np.int64)
+    out[0, :m] = perm[:m]
+    out[1, : n - m] = perm[m:]
+    return out
+
+
+def half_sets(n: int, *, halves: bool = True, seed: int = 0) -> np.ndarray:
+    """(G, m) particle indices of each half-set (-1 pads), as the driver
+    (:func:`jaxcryo.reconstruct.reconstruct`) draws them from ``seed``."""
+    split_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+    return split_halves(split_key, n, halves)
 
 
 def _padded_rows(m: int, d: int) -> int:
@@ -158,8 +188,6 @@ def host_share(n_total: int, *, mesh: Mesh, halves: bool = True, seed: int = 0) 
     draws it, so every process agrees without communication; a process then needs only the
     particles its own devices hold (about n_total / process_count of them).
     """
-    from jaxcryo.reconstruct import half_sets  # the driver sits above this module
-
     groups = half_sets(n_total, halves=halves, seed=seed)
     m_padded = _padded_rows(groups.shape[1], n_devices(mesh))
     pos = _process_positions(mesh, m_padded)
@@ -261,17 +289,19 @@ def gather_batch(local: Particles, index, axis_name: str = AXIS) -> Particles:
                         taken)
 
 
-def value_grad_hvp_psum(params, batch: Particles, problem: Problem, probes=None, axis_name: str = AXIS):
+def value_grad_hvp_psum(params, batch: Particles, problem: Problem, probes=None, axis_name: str = AXIS, *,
+                        regularizer=None):
     """:func:`jaxcryo.loss.value_grad_hvp` of a minibatch split over devices (inside shard_map).
 
     ``batch`` is this device's part; returns the loss, gradient and HVPs of the whole minibatch
     (replicated), and the minibatch loss as a function of the parameters (for line searches).
+    ``regularizer`` (scalar or (N, N, H, 1)) replaces the problem's Tikhonov weights.
     """
     weight_total = jax.lax.psum(jnp.sum(batch.weight.astype(params.dtype)), axis_name)
     data = problem.data_only()
     value, grad, hvps = value_grad_hvp(params, batch, data, probes, weight_total=weight_total)
     value, grad, hvps = jax.lax.psum((value, grad, hvps), axis_name)
-    lam = problem.regularizer(params.dtype)
+    lam = problem.regularizer(params.dtype) if regularizer is None else regularizer
     value = value + jnp.sum(lam * params * params)
     grad = grad + 2.0 * lam * params
     if hvps is not None:

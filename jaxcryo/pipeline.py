@@ -27,15 +27,18 @@ from jaxcryo.geometry import euler_to_matrix
 from jaxcryo.io import InputError, ParticleStack, ParticleTable, read_particles
 from jaxcryo.io.cryosparc import check_stacks, read_cs
 from jaxcryo.io.errors import atomic_output
-from jaxcryo.reconstruct import ReconState
+from jaxcryo.reconstruct import ParticleBlocks, ReconState, reconstruct
 
 GIB = 1024 ** 3
 CHECKPOINT_VERSION = 2  # 2: arrays + JSON only (1 pickled the tree structure)
 
 __all__ = ["read_table", "open_particles", "table_poses", "load_particles", "iter_particle_chunks", "MemoryPlan",
-           "plan_memory", "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
+           "plan_memory", "plan_streaming", "step_scratch_bytes", "runtime_memory_bytes", "limit_heap_growth",
+           "REFINE_PROGRAMS_BYTES", "XLA_PROGRAMS_BYTES",
+           "available_memory_bytes", "save_checkpoint", "load_checkpoint", "checkpoint_settings",
            "state_template", "refine_state_template", "abinitio_state_template",
-           "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming", "GIB"]
+           "checkpoint_path", "format_bytes", "plan_streaming_bytes", "reconstruct_streaming",
+           "StreamedBlocks", "GIB"]
 
 
 # ----------------------------------------------------------------------------- particles
@@ -163,20 +166,29 @@ def load_particles(table: ParticleTable, stack: ParticleStack, grid: FourierGrid
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes a reconstruction needs: the particles as Fourier pairs, the volumes, the chunks read."""
+    """Bytes a run holds: the particles as Fourier pairs (in memory: all of them; streamed: the
+    blocks in flight), the volumes and optimizer state, the image chunks read (and their FFT),
+    the scratch of the compiled steps, and the runtime (Python, JAX and XLA, measured)."""
 
     particles_bytes: int
     volumes_bytes: int
     chunk_bytes: int
+    scratch_bytes: int = 0
+    runtime_bytes: int = 0
 
     @property
     def in_memory_bytes(self) -> int:
-        return self.particles_bytes + self.volumes_bytes + self.chunk_bytes
+        """The total (the name is historical: it is the total of a streamed plan too)."""
+        return self.particles_bytes + self.volumes_bytes + self.chunk_bytes + self.scratch_bytes + self.runtime_bytes
 
-    def describe(self) -> str:
-        return (f"{format_bytes(self.in_memory_bytes)} ({format_bytes(self.particles_bytes)} of particles in "
-                f"Fourier space, {format_bytes(self.volumes_bytes)} of volumes and optimizer state, "
-                f"{format_bytes(self.chunk_bytes)} of image chunks)")
+    total_bytes = in_memory_bytes
+
+    def describe(self, particles: str = "particles in Fourier space") -> str:
+        parts = [(self.runtime_bytes, "runtime"), (self.particles_bytes, particles),
+                 (self.volumes_bytes, "volumes and optimizer state"), (self.scratch_bytes, "compiled-step scratch"),
+                 (self.chunk_bytes, "image chunks read")]
+        return (f"{format_bytes(self.in_memory_bytes)} ("
+                + ", ".join(f"{format_bytes(b)} {what}" for b, what in parts if b) + ")")
 
 
 def format_bytes(n: float) -> str:
@@ -188,20 +200,84 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+XLA_PROGRAMS_BYTES = 256 * 1024 ** 2
+"""What a run's compilations add to the process for good: XLA's compiled programs (the block
+function, the diagonal, residual and loss passes, the FFT), its thread pools and the allocator's
+pages kept after compiling (measured on CPU: +220 MiB at box 32, +250 at box 64, with
+:func:`limit_heap_growth`)."""
+
+
+REFINE_PROGRAMS_BYTES = 512 * 1024 ** 2
+"""What refinement's compilations add beyond :data:`XLA_PROGRAMS_BYTES`: the global and local
+epochs with their pose stages (recompiled when the frequency limit steps up), the statistics
+pass, the reference scaling (measured on CPU at box 24, global order 1: 996 MiB peak against
+491 MiB of runtime, 80 MiB of data and scratch)."""
+
+
+def limit_heap_growth() -> None:
+    """Keep freed memory from piling up in glibc's heaps (Linux; elsewhere nothing happens): at most
+    two malloc arenas, and blocks of 1 MiB or more from mmap, returned to the system when freed.
+
+    A streamed run reads image chunks in a thread and frees them in another; glibc's default
+    (one arena per thread, a threshold that rises to 32 MiB) kept every freed chunk, and the
+    resident memory crept up epoch after epoch (measured: 599 -> 507 MiB peak at box 32 with
+    these settings, flat across epochs)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
+    except (OSError, AttributeError):
+        pass
+
+
+def runtime_memory_bytes() -> int:
+    """Resident memory of this process now, with JAX's backend started (Python, numpy, JAX, XLA,
+    what the caller holds), plus :data:`XLA_PROGRAMS_BYTES` for the programs a run compiles."""
+    jax.devices()  # starts the backend: its memory is part of every run
+    try:
+        with open("/proc/self/statm") as fh:
+            resident = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        resident = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(resident) + XLA_PROGRAMS_BYTES
+
+
+def step_scratch_bytes(box: int, *, batch_size: int = 128, n_probes: int = 1, groups: int = 2,
+                       interpolation: str = "trilinear", r_max: int | None = None, dtype_bytes: int = 4) -> int:
+    """Scratch of one compiled minibatch step for all half-sets: the batch's pairs, its slices and
+    residuals for the map and each Hutchinson probe (forward, adjoint and line-search trials),
+    and the interpolation stencil of every pixel (8 corners for trilinear: indices, weights and
+    their products); about 110 floats per pixel and image with one probe (XLA's memory analysis
+    of the compiled block function: 38 MiB at box 32, 163 MiB at box 64, batch 128; this gives
+    43 and 178 MiB; a test checks it stays above)."""
+    grid = FourierGrid(box, r_max)
+    corners = 8 if interpolation == "trilinear" else 1
+    per_pixel = 4 + 12 * (1 + n_probes) + 10 * corners
+    return int(groups * batch_size * grid.n_pixels * per_pixel * dtype_bytes)
+
+
 def plan_memory(n_images: int, box: int, *, r_max: int | None = None, groups: int = 2, chunk_size: int = 1024,
-                dtype_bytes: int = 4) -> MemoryPlan:
+                dtype_bytes: int = 4, batch_size: int = 128, n_probes: int = 1, interpolation: str = "trilinear",
+                runtime_bytes: int = 0) -> MemoryPlan:
     """Estimate the memory of an in-memory reconstruction.
 
     Particles: the disk's pairs plus rotation and CTF (about 0.8 x the images' bytes), held
     twice (the caller's copy and the driver's half-set stack). Volumes: about 10 pair volumes
     per half-set (parameters, gradient, curvature samples, running mean, line-search trials).
-    Chunks: the images read ahead (prefetch 2) and in flight.
+    Chunks: the images read ahead (prefetch 2) and in flight. Scratch: :func:`step_scratch_bytes`.
+    ``runtime_bytes``: the process's own memory (:func:`runtime_memory_bytes`), 0 to leave it out.
     """
     grid = FourierGrid(box, r_max)
     per_image = (grid.n_pixels * 2 + 9 + 9 + 1) * dtype_bytes
     volume = int(np.prod(grid.volume_shape)) * 2 * dtype_bytes
     return MemoryPlan(particles_bytes=2 * n_images * per_image, volumes_bytes=10 * groups * volume,
-                      chunk_bytes=4 * min(chunk_size, n_images) * box * box * dtype_bytes)
+                      chunk_bytes=4 * min(chunk_size, n_images) * box * box * dtype_bytes,
+                      scratch_bytes=step_scratch_bytes(box, batch_size=min(batch_size, max(1, n_images // groups)),
+                                                       n_probes=n_probes, groups=groups, interpolation=interpolation,
+                                                       r_max=r_max, dtype_bytes=dtype_bytes),
+                      runtime_bytes=int(runtime_bytes))
 
 
 def available_memory_bytes() -> int:
@@ -368,142 +444,120 @@ def _checkpoint_meta(path: str, keep_open: bool = False):
 # ----------------------------------------------------------------------------- streaming
 
 
-def plan_streaming_bytes(box: int, *, r_max: int | None = None, groups: int = 2, chunk_size: int = 4096,
-                         dtype_bytes: int = 4) -> int:
-    """Memory of a streamed reconstruction: the volumes plus ~4 chunks of images and one of pairs."""
+PREPARE_BATCH = 256  # images Fourier transformed at a time (bounds the FFT's scratch)
+
+
+class StreamedBlocks(ParticleBlocks):
+    """The particles of a STAR file as the driver's blocks, read from disk for every pass.
+
+    Each block (about ``chunk_size`` images, both half-sets together) is read from the stacks by
+    a background thread one block ahead (``prefetch``), Fourier transformed ``PREPARE_BATCH``
+    images at a time (shifts undone, as :func:`load_particles` does) and handed to the driver;
+    nothing else of the stack is held. With ``chunk_size`` at least the set's size the driver
+    gets one block, the in-memory layout.
+    """
+
+    def __init__(self, table: ParticleTable, stack: ParticleStack, grid: FourierGrid, *, chunk_size: int = 4096,
+                 dtype=np.float32, prefetch: int = 1):
+        self.table, self.stack, self.grid = table, stack, grid
+        self.n_particles = len(table)
+        self.optics = np.unique(table.optics_group)
+        self.n_noise_groups = len(self.optics)
+        self.dtype = np.dtype(dtype)
+        self.block_size = int(chunk_size)
+        self.prefetch = int(prefetch)
+        self._prepare = _prepare_fn(grid)
+
+    def particles(self, rows, images) -> Particles:
+        """Particles (numpy) of table ``rows`` (-1: padding, weight 0) from their ``images``."""
+        safe = np.maximum(rows, 0)
+        rotations, shifts_px, ctf = table_poses(self.table, safe, dtype=self.dtype)
+        data = np.empty((len(rows), self.grid.n_pixels, 2), self.dtype)
+        for s in range(0, len(rows), PREPARE_BATCH):  # fixed shape: one compilation
+            part = images[s:s + PREPARE_BATCH]
+            shift = shifts_px[s:s + PREPARE_BATCH]
+            k = part.shape[0]
+            if k < PREPARE_BATCH:
+                part = np.concatenate([part, np.zeros((PREPARE_BATCH - k,) + part.shape[1:], part.dtype)])
+                shift = np.concatenate([shift, np.zeros((PREPARE_BATCH - k, 2), shift.dtype)])
+            data[s:s + k] = np.asarray(self._prepare(jnp.asarray(part, self.dtype), jnp.asarray(shift)))[:k]
+        return Particles(data=data, rotations=rotations, ctf=ctf, weight=(rows >= 0).astype(self.dtype),
+                         noise_group=np.searchsorted(self.optics, self.table.optics_group[safe]).astype(np.int32))
+
+    def blocks(self, rows_list, mesh=None):
+        from jaxcryo import distributed as dist
+
+        rows_list = [np.asarray(r) for r in rows_list]
+        if not rows_list:
+            return
+        g, c = rows_list[0].shape
+        flat = np.concatenate([np.maximum(r, 0).ravel() for r in rows_list])
+        reads = self.stack.iter_chunks(g * c, order=flat, prefetch=self.prefetch)
+        for rows, (_, images) in zip(rows_list, reads):
+            part = self.particles(rows.ravel(), images)
+            del images
+            if mesh is None:
+                yield jax.tree.map(lambda x: jnp.asarray(x.reshape((g, c) + x.shape[1:])), part)
+            else:
+                layout = np.where(rows >= 0, np.arange(g * c).reshape(g, c), -1)
+                yield dist.shard_groups(part, layout, mesh)
+
+
+def plan_streaming(box: int, *, n_images: int, r_max: int | None = None, groups: int = 2, chunk_size: int = 4096,
+                   batch_size: int = 128, n_probes: int = 1, interpolation: str = "trilinear", prefetch: int = 1,
+                   dtype_bytes: int = 4, runtime_bytes: int = 0) -> MemoryPlan:
+    """Memory of a streamed run (:func:`reconstruct_streaming`), by what it holds at its peak.
+
+    Blocks: the driver's blocks of ``groups x rows`` images (:class:`~jaxcryo.reconstruct.BlockLayout`
+    of ``chunk_size``) as Fourier pairs with poses and CTF: the block being swept, the next one
+    (placed while the first runs), and the host copy it is built from. Chunks: the blocks' images
+    read ahead (``prefetch``), being read and being transformed, and the FFT's scratch
+    (``PREPARE_BATCH`` images). Volumes and scratch as :func:`plan_memory`. The total does not
+    depend on ``n_images`` beyond the block size: the stack is never held (its pages are released
+    after every read, see :class:`~jaxcryo.io.ParticleStack`).
+    """
     grid = FourierGrid(box, r_max)
-    volumes = plan_memory(1, box, r_max=r_max, groups=groups).volumes_bytes
-    chunk_images = 4 * chunk_size * box * box * dtype_bytes
-    chunk_pairs = 2 * chunk_size * (grid.n_pixels * 2 + 19) * dtype_bytes
-    return volumes + chunk_images + chunk_pairs
+    m = -(-int(n_images) // groups)
+    per = max(1, int(chunk_size) // groups)
+    n_blocks = -(-m // per) if per < m else 1
+    block_images = groups * -(-m // n_blocks)
+    per_pair = (grid.n_pixels * 2 + 9 + 9 + 1 + 1) * dtype_bytes
+    image = box * box * dtype_bytes
+    volumes = plan_memory(1, box, r_max=r_max, groups=groups, dtype_bytes=dtype_bytes).volumes_bytes
+    scratch = step_scratch_bytes(box, batch_size=min(batch_size, block_images // groups), n_probes=n_probes,
+                                 groups=groups, interpolation=interpolation, r_max=r_max, dtype_bytes=dtype_bytes)
+    prepare = PREPARE_BATCH * box * box * 8 * dtype_bytes  # complex FFT input, output and shift ramp
+    return MemoryPlan(particles_bytes=3 * block_images * per_pair, volumes_bytes=volumes,
+                      chunk_bytes=(int(prefetch) + 2) * block_images * image + prepare,
+                      scratch_bytes=scratch, runtime_bytes=int(runtime_bytes))
+
+
+def plan_streaming_bytes(box: int, *, r_max: int | None = None, groups: int = 2, chunk_size: int = 4096,
+                         dtype_bytes: int = 4, n_images: int | None = None, **kw) -> int:
+    """:func:`plan_streaming`'s total (``n_images`` default: a set of many blocks)."""
+    n = 64 * chunk_size if n_images is None else n_images
+    return plan_streaming(box, n_images=n, r_max=r_max, groups=groups, chunk_size=chunk_size,
+                          dtype_bytes=dtype_bytes, **kw).in_memory_bytes
 
 
 def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: int, pixel_size_angstrom: float,
-                          method: str = "psgd", interpolation: str = "trilinear", epochs: int = 10,
-                          batch_size: int = 128, lam: float = 1e-4, halves: bool = True, seed: int = 0,
-                          chunk_size: int = 4096, resume: ReconState | None = None,
-                          callback: Callable[[ReconState], Any] | None = None,
-                          progress: Callable[[int], Any] | None = None, symmetry: str = "C1",
-                          noise_model: str = "estimate", noise_tol: float = 0.1):
-    """:func:`~jaxcryo.reconstruct.reconstruct` for particle sets larger than memory.
+                          chunk_size: int = 4096, prefetch: int = 1, **settings):
+    """:func:`~jaxcryo.reconstruct.reconstruct` for particle sets larger than memory: the same
+    driver and settings (``**settings``: any of reconstruct's keyword arguments, e.g. method,
+    epochs, batch_size, wiener_after, noise_model, resume, callback, progress), fed
+    :class:`StreamedBlocks` of about ``chunk_size`` images read from disk for every pass.
 
-    Each epoch visits the particles of each half-set in a fresh random order, ``chunk_size``
-    images at a time (both halves together): the chunk is read from disk (prefetched in a
-    thread), Fourier transformed, and swept by the same compiled epoch function
-    (:func:`~jaxcryo.reconstruct.make_epoch`: shuffled minibatches under ``lax.scan``). A
-    second pass computes the full-data loss. Memory: the volumes plus a few chunks. The half
-    split, optimizer and history are those of ``reconstruct``; the minibatches differ (they
-    are drawn within chunks), so the map equals ``reconstruct``'s only up to optimisation noise.
-
-    ``progress(k)`` is called with the images done after each chunk of the training pass.
-    The noise model (``noise_model``, ``noise_tol``) is reconstruct's, per rlnOpticsGroup,
-    estimated in the loss pass after every epoch.
+    Each epoch visits each half-set's particles in a fresh random order, cut into equal blocks;
+    the running mean of the iterates, the exact-diagonal start of the Hutchinson estimate, the
+    noise model and the Wiener prior are those of the in-memory run (sums over the blocks; each
+    costs one more pass over the disk when it is computed). With ``chunk_size`` at least the set
+    the run is the in-memory one; with smaller blocks only the minibatches differ (drawn within
+    blocks). Memory: :func:`plan_streaming_bytes`.
     """
-    from jaxcryo.loss import Problem
-    from jaxcryo.noise import noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
-    from jaxcryo.reconstruct import _split_halves, finish, make_epoch, make_full_loss, make_optimizer, map_groups
-
-    if method == "psgd-exact":
-        raise InputError("psgd-exact needs every particle in memory for its diagonal; "
-                         "use --method psgd with streaming")
-    import time
-
-    grid = FourierGrid(box)
-    problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
-    dtype = np.float32
-    split_key, key = jax.random.split(jax.random.PRNGKey(seed))
-    groups = _split_halves(split_key, len(table), halves)
-    g, m = groups.shape
-    batch_size = int(min(batch_size, m))
-    per_half = max(batch_size, (chunk_size // g) // batch_size * batch_size)  # whole minibatches per chunk
-    tx = make_optimizer(method, box=box, r_max=grid.radius, seed=seed)
-    probes = 1 if method == "psgd" else 0
-    if resume is None:
-        params = jnp.stack([problem.zeros(dtype)] * g)
-        state = ReconState(0, params, jax.vmap(tx.init)(params), jax.random.split(key, g),
-                           {"epoch": [], "loss": [], "seconds": []})
-    else:
-        state = resume
-    optics = np.unique(table.optics_group)
-    if noise_model == "estimate" and state.history.get("noise_weights") is not None:
-        problem = with_noise_weights(problem, state.history["noise_weights"])
-
-    def functions(problem):
-        epoch_fn = jax.jit(map_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=probes, exact=False,
-                                                 average=True), interpolation, (0, 0, 0, 0, None, None)),
-                           donate_argnums=(0, 1))
-        return epoch_fn, jax.jit(map_groups(make_full_loss(problem, batch_size), interpolation))
-
-    epoch_fn, full_loss = functions(problem)
-    residuals = jax.jit(map_groups(lambda p, part: residual_power(
-        p, part, Problem(grid=grid, interpolation=interpolation), n_groups=len(optics), batch_size=batch_size),
-        interpolation))
-    prepare = _prepare_fn(grid)
-
-    def chunks(order):
-        """Stacked (g, c, ...) Particles of the columns of ``order`` (g, m), per_half at a time."""
-        blocks = [order[:, s:s + per_half] for s in range(0, m, per_half)]
-        flat = np.concatenate([b.ravel() for b in blocks])
-        rows_iter = stack.iter_chunks(g * per_half, order=np.maximum(flat, 0))
-        for block, (rows, images) in zip(blocks, rows_iter):
-            rotations, shifts_px, ctf = table_poses(table, rows, dtype=dtype)
-            data = np.asarray(prepare(jnp.asarray(images), jnp.asarray(shifts_px)))
-            part = Particles(data=data, rotations=rotations, ctf=ctf, weight=(block.ravel() >= 0).astype(dtype),
-                             noise_group=np.searchsorted(optics, table.optics_group[rows]).astype(np.int32))
-            yield jax.tree.map(lambda x: jnp.asarray(x).reshape((g, -1) + x.shape[1:]), part)
-
-    history = {k: list(v) for k, v in state.history.items() if isinstance(v, list)}
-    history["compile_seconds"] = 0.0
-    elapsed = history["seconds"][-1] if history["seconds"] else 0.0
-    params, opt_state, keys = state.params, state.opt_state, state.key
-    for epoch in range(state.epoch + 1, epochs + 1):
-        t0 = time.perf_counter()
-        split = jax.vmap(jax.random.split)(keys)
-        keys = split[:, 0]
-        order = np.stack([groups[i][np.asarray(jax.random.permutation(split[i, 1], m))] for i in range(g)])
-        for part in chunks(order):
-            t1 = time.perf_counter()
-            average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)  # as reconstruct() does
-            params, opt_state, keys, _ = epoch_fn(params, opt_state, keys, part, None, average_from)
-            if epoch == state.epoch + 1 and not history["compile_seconds"]:
-                jax.block_until_ready(params)
-                history["compile_seconds"] = time.perf_counter() - t1
-            if progress is not None:
-                progress(int(np.sum(np.asarray(part.weight))))
-        jax.block_until_ready(params)
-        elapsed += time.perf_counter() - t0
-        totals = np.maximum((groups >= 0).sum(1), 1)
-        if noise_model == "estimate":  # one pass: residual power per half, group and shell
-            power = pixels = 0.0
-            for part in chunks(groups):
-                pw, px = residuals(params, part)
-                power, pixels = power + np.asarray(pw, np.float64), pixels + np.asarray(px, np.float64)
-            pooled, counted = power.sum(0), pixels.sum(0)
-            sigma2 = np.where(counted > 0, pooled / np.maximum(counted, 1e-30), np.nan)
-            if noise_moved(history.get("noise_sigma2"), sigma2, noise_tol):
-                weights = shell_weights_from_sigma2(sigma2, grid, group_counts=counted.sum(1) / grid.multiplicity.sum())
-                problem = with_noise_weights(problem, weights)
-                history["noise_sigma2"] = [[float(x) for x in row] for row in sigma2]
-                history["noise_weights"] = [[float(x) for x in row] for row in weights]
-                epoch_fn, full_loss = functions(problem)
-            # the data term is linear in the weights: read it off the residual sums
-            data = np.sum(np.asarray(problem.shell_weights, np.float64) * power, axis=(1, 2)) / totals
-        else:
-            data = 0.0
-            ridge0 = jnp.sum(problem.regularizer(dtype) * params * params, axis=tuple(range(1, params.ndim)))
-            for part in chunks(groups):
-                data = data + np.asarray((full_loss(params, part) - ridge0) * jnp.sum(part.weight, axis=1))
-            data = data / totals
-        ridge = np.asarray(jnp.sum(problem.regularizer(dtype) * params * params, axis=tuple(range(1, params.ndim))))
-        history["epoch"].append(epoch)
-        history["loss"].append(float(np.mean(data + ridge)))
-        history.setdefault("data_loss", []).append(float(np.mean(data)))
-        history.setdefault("prior", []).append(float(np.mean(ridge)))
-        history["seconds"].append(elapsed)
-        state = ReconState(epoch, params, opt_state, keys, history)
-        if callback is not None:
-            callback(state)
-    return finish(ReconState(state.epoch, params, opt_state, keys, history), interpolation, pixel_size_angstrom)
+    if settings.get("method") == "normal":
+        raise InputError("--method normal needs every particle in memory; use --method psgd with streaming")
+    source = StreamedBlocks(table, stack, FourierGrid(box), chunk_size=chunk_size, prefetch=prefetch)
+    return reconstruct(source, box=box, pixel_size_angstrom=pixel_size_angstrom, **settings)
 
 
 # ----------------------------------------------------------------------------- refined poses

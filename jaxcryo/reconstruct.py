@@ -91,22 +91,8 @@ def make_optimizer(method: str, *, box: int, r_max: int | None = None, beta: flo
     return optax.chain(*steps)
 
 
-def _split_halves(key, n: int, halves: bool):
-    """Index arrays (G, m) of each half-set, padded with -1."""
-    if not halves:
-        return np.arange(n)[None]
-    perm = np.asarray(jax.jit(lambda k: jax.random.permutation(k, n))(key))  # eager: ~10 compiles
-    m = -(-n // 2)
-    out = -np.ones((2, m), np.int64)
-    out[0, :m] = perm[:m]
-    out[1, : n - m] = perm[m:]
-    return out
-
-
-def half_sets(n: int, *, halves: bool = True, seed: int = 0) -> np.ndarray:
-    """(G, m) particle indices of each half-set (-1 pads), as :func:`reconstruct` draws them."""
-    split_key, _ = jax.random.split(jax.random.PRNGKey(seed))
-    return _split_halves(split_key, n, halves)
+_split_halves = dist.split_halves  # the half-set split lives below the driver (distributed.py)
+half_sets = dist.half_sets
 
 
 def _stack_groups(particles: Particles, groups):
@@ -117,7 +103,7 @@ def _stack_groups(particles: Particles, groups):
 
 def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
                axis_name: str | None = None, n_rows: int | None = None, n_devices: int = 1,
-               average: bool = False, pose_stage: Callable | None = None):
+               average: bool = False, pose_stage: Callable | None = None, blocks: bool = False):
     """The epoch function for one half-set: (params, opt_state, key, particles[, diag]) ->
     (params, opt_state, key, batch losses). Pure; the caller vmaps and jits it.
 
@@ -137,33 +123,58 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
     With ``axis_name`` it runs inside ``shard_map`` (see :mod:`jaxcryo.distributed`):
     ``particles`` is this device's block of rows, ``n_rows`` the half-set's row count before
     device padding and ``n_devices`` the mesh size. The minibatches are the same rows as on one
-    device; each device computes on an equal slice of each and the sums are psum-ed.
+    device; each device computes on an equal slice of each and the sums are psum-ed. A pose
+    stage then runs on each device's slice of the batch (the pose state is replicated: each
+    device reads its rows of it, and the new rows of all devices are gathered back).
 
     With ``average`` the epoch ends at the mean of its iterates from the fraction
     ``average_from`` of its steps on (Polyak-Ruppert averaging restarted every epoch): it
     removes most of the minibatch noise that a constant step leaves. The driver averages the
     whole of every epoch but the first, whose first half (far from the optimum, and the
     curvature warm-up) would drag the mean back toward the start.
+
+    With ``blocks`` the function sweeps one block of an epoch (the driver's in-memory set is one
+    block; a streamed set is several, see :func:`reconstruct`) and carries the running mean
+    across blocks: ``block(params, opt_state, key, particles, diag, start, step0, mean[,
+    pose_state, pose_args]) -> (params, opt_state, key, batch losses, mean[, pose_state])``,
+    ``step0`` the epoch's step index at the block's first minibatch, ``start`` the step from
+    which iterates are averaged, ``mean`` their running mean so far (zeros at the epoch's
+    start); ``params`` stays the last iterate. One block with ``step0 = 0`` and ``start =
+    floor(average_from x steps)`` is the epoch, exactly.
     """
 
-    if pose_stage is not None and axis_name is not None:
-        raise NotImplementedError("the pose stage runs on one device per half-set for now")
-
     def terms(params, batch, probes, reg=None):
-        if axis_name is None and reg is not None:  # dynamic Tikhonov weights (pose-stage runs)
+        if axis_name is not None:
+            return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name, regularizer=reg)
+        if reg is not None:  # dynamic Tikhonov weights (pose-stage runs)
             data = problem.data_only()
             value, grad, hvps = value_grad_hvp(params, batch, data, probes)
             value = value + jnp.sum(reg * params * params)
             grad = grad + 2.0 * reg * params
             hvps = None if hvps is None else hvps + 2.0 * reg * probes
             return value, grad, hvps, lambda p: loss(p, batch, data) + jnp.sum(reg * p * p)
-        if axis_name is None:
-            value, grad, hvps = value_grad_hvp(params, batch, problem, probes)
-            return value, grad, hvps, lambda p: loss(p, batch, problem)
-        return dist.value_grad_hvp_psum(params, batch, problem, probes, axis_name)
+        value, grad, hvps = value_grad_hvp(params, batch, problem, probes)
+        return value, grad, hvps, lambda p: loss(p, batch, problem)
 
     def take(particles, index):
         return subset(particles, index) if axis_name is None else dist.gather_batch(particles, index, axis_name)
+
+    def poses_of_batch(params, batch, index, pose_state, pose_args, key):
+        """Stage 1: the pose stage on this device's rows of the batch; the new rows scattered
+        into the (replicated) pose state."""
+        rows = jax.tree.map(lambda x: x[jnp.maximum(index, 0)], pose_state)
+        if axis_name is not None:  # this device's slice of the batch, as gather_batch hands it out
+            per = index.shape[0] // n_devices
+            at = jax.lax.axis_index(axis_name) * per
+            rows = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, at, per, 0), rows)
+        batch, new_rows = pose_stage(params, batch, rows, key, pose_args)
+        if axis_name is not None:
+            new_rows = jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True), new_rows)
+        n_state = jax.tree.leaves(pose_state)[0].shape[0]
+        where = jnp.where(index >= 0, index, n_state)  # padding rows: out of bounds, dropped
+        pose_state = jax.tree.map(lambda s, r: s.at[where].set(r.astype(s.dtype), mode="drop"),
+                                  pose_state, new_rows)
+        return batch, pose_state
 
     def step(carry, index, particles, diag, start, poses=None):
         (params, opt_state, key), (mean, count) = carry[:2]
@@ -171,15 +182,9 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
         extra = {}
         probes = rademacher(probe_key, params, n_probes) if (n_probes and not exact) else None
         batch = take(particles, index)
-        if pose_stage is not None:  # stage 1: poses of this minibatch against the current map
-            pose_state, pose_args = carry[2], poses
+        if pose_stage is not None:
             key, pose_key = jax.random.split(key)
-            rows = jax.tree.map(lambda x: x[jnp.maximum(index, 0)], pose_state)
-            batch, new_rows = pose_stage(params, batch, rows, pose_key, pose_args)
-            n_state = jax.tree.leaves(pose_state)[0].shape[0]
-            where = jnp.where(index >= 0, index, n_state)  # padding rows: out of bounds, dropped
-            pose_state = jax.tree.map(lambda s, r: s.at[where].set(r.astype(s.dtype), mode="drop"),
-                                      pose_state, new_rows)
+            batch, pose_state = poses_of_batch(params, batch, index, carry[2], poses, pose_key)
         reg = None if (pose_stage is None or not isinstance(poses, dict)) else poses.get("regularizer")
         value, grad, hvps, value_fn = terms(params, batch, probes, reg)
         if exact:
@@ -196,27 +201,37 @@ def make_epoch(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: b
             return ((params, opt_state, key), (mean, count + 1), pose_state), value
         return ((params, opt_state, key), (mean, count + 1)), value
 
-    def epoch(params, opt_state, key, particles, diag=None, average_from=0.0, pose_state=None, pose_args=None):
+    def block(params, opt_state, key, particles, diag, start, step0, mean, pose_state=None, pose_args=None):
         n = particles.weight.shape[0] if n_rows is None else n_rows
         key, perm_key = jax.random.split(key)
         order = batched(jax.random.permutation(perm_key, n), batch_size)
         if n_devices > 1:  # equal slices per device: pad each batch with zero-weight rows
             order = jnp.pad(order, ((0, 0), (0, -batch_size % n_devices)), constant_values=-1)
-        mean = jnp.zeros_like(params) if average else jnp.zeros((), params.dtype)
-        start = jnp.floor(average_from * order.shape[0]).astype(jnp.int32)
+        if not average:
+            mean = jnp.zeros((), params.dtype)
+        start = jnp.asarray(start, jnp.int32)
+        count = jnp.asarray(step0, jnp.int32)
+        carry = ((params, opt_state, key), (mean, count))
         if pose_stage is not None:
-            ((params, opt_state, key), (mean, _), pose_state), values = jax.lax.scan(
-                lambda c, i: step(c, i, particles, diag, start, pose_args),
-                ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32)), pose_state),
-                order)
-            return (mean if average else params), opt_state, key, values, pose_state
-        ((params, opt_state, key), (mean, _)), values = jax.lax.scan(
-            lambda c, i: step(c, i, particles, diag, start),
-            ((params, opt_state, key), (mean, jnp.zeros((), jnp.int32))),
-            order)
-        return (mean if average else params), opt_state, key, values
+            carry = carry + (pose_state,)
+        carry, values = jax.lax.scan(lambda c, i: step(c, i, particles, diag, start, pose_args), carry, order)
+        (params, opt_state, key), (mean, _) = carry[:2]
+        out = (params, opt_state, key, values, mean if average else params)
+        return out + (carry[2],) if pose_stage is not None else out
 
-    return epoch
+    def epoch(params, opt_state, key, particles, diag=None, average_from=0.0, pose_state=None, pose_args=None):
+        n = particles.weight.shape[0] if n_rows is None else n_rows
+        start = jnp.floor(average_from * (-(-n // batch_size))).astype(jnp.int32)
+        mean = jnp.zeros_like(params) if average else None
+        out = block(params, opt_state, key, particles, diag, start, 0, mean, pose_state, pose_args)
+        return (out[4],) + out[1:4] + out[5:]
+
+    return block if blocks else epoch
+
+
+def steps_per_block(rows: int, batch_size: int) -> int:
+    """Minibatch steps of one block of ``rows`` rows per half-set (the last batch padded)."""
+    return -(-int(rows) // int(batch_size))
 
 
 def make_full_loss(problem: Problem, batch_size: int, axis_name: str | None = None):
@@ -255,32 +270,31 @@ def map_groups(fn, interpolation: str, in_axes=0):
 
 def group_functions(problem: Problem, tx, *, batch_size: int, n_probes: int, exact: bool,
                     mesh=None, n_rows: int | None = None, average: bool = False,
-                    pose_stage: Callable | None = None):
+                    pose_stage: Callable | None = None, blocks: bool = False):
     """(epoch, full_loss) over all half-sets (leading axis G), not yet jitted.
 
     epoch(params, opt_state, keys, stacked, diag, average_from) and full_loss(params, stacked)
     (with ``pose_stage``, see :func:`make_epoch`: epoch(..., average_from, pose_state, pose_args),
-    pose_state with leading axis G, pose_args shared by the half-sets)
+    pose_state with leading axis G, pose_args shared by the half-sets; with ``blocks``:
+    block(params, opt_state, keys, stacked, diag, start, step0, mean[, pose_state, pose_args]))
     take ``stacked`` from ``_stack_groups`` (mesh None) or :func:`jaxcryo.distributed.shard_groups`
     (a mesh: rows sharded, ``n_rows`` the half-sets' length before device padding; params,
-    optimizer state and keys replicated, e.g. by :func:`jaxcryo.distributed.replicate`).
+    optimizer state, keys and the pose state replicated, e.g. by
+    :func:`jaxcryo.distributed.replicate`).
     """
     over_groups = lambda fn, in_axes=0: map_groups(fn, problem.interpolation, in_axes)  # noqa: E731
+    axes = (0, 0, 0, 0, 0, None, None, 0) if blocks else (0, 0, 0, 0, 0, None)
     if pose_stage is not None:
-        if mesh is not None:
-            raise NotImplementedError("the pose stage runs on one device per half-set for now")
-        return (over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                       average=average, pose_stage=pose_stage), (0, 0, 0, 0, 0, None, 0, None)),
-                over_groups(make_full_loss(problem, batch_size)))
+        axes = axes + (0, None)
+    kw = dict(batch_size=batch_size, n_probes=n_probes, exact=exact, average=average, pose_stage=pose_stage,
+              blocks=blocks)
     if mesh is None:
-        return (over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                       average=average), (0, 0, 0, 0, 0, None)),
-                over_groups(make_full_loss(problem, batch_size)))
+        return (over_groups(make_epoch(problem, tx, **kw), axes), over_groups(make_full_loss(problem, batch_size)))
     rows, rep = dist.P(None, dist.AXIS), dist.P()
-    epoch = dist.shard(over_groups(make_epoch(problem, tx, batch_size=batch_size, n_probes=n_probes, exact=exact,
-                                              axis_name=dist.AXIS, n_rows=n_rows, n_devices=dist.n_devices(mesh),
-                                              average=average), (0, 0, 0, 0, 0, None)),
-                       mesh, in_specs=(rep, rep, rep, rows, rep, rep), out_specs=rep)
+    specs = tuple(rows if i == 3 else rep for i in range(len(axes)))
+    epoch = dist.shard(over_groups(make_epoch(problem, tx, axis_name=dist.AXIS, n_rows=n_rows,
+                                              n_devices=dist.n_devices(mesh), **kw), axes),
+                       mesh, in_specs=specs, out_specs=rep)
     full_loss = dist.shard(over_groups(make_full_loss(problem, batch_size, dist.AXIS)), mesh,
                            in_specs=(rep, rows), out_specs=rep)
     return epoch, full_loss
@@ -321,7 +335,81 @@ def finish(state: ReconState, interpolation: str, pixel_size_angstrom: float) ->
     return Reconstruction(maps[0], None, params, None, None, state.history, state)
 
 
-def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
+class ParticleBlocks:
+    """A particle set the driver reads in blocks (the interface :func:`reconstruct` accepts in
+    place of in-memory Particles; :class:`InMemoryBlocks` and
+    :class:`jaxcryo.pipeline.StreamedBlocks` implement it).
+
+    n_particles: rows of the whole set; n_noise_groups: noise groups (``Particles.noise_group``
+    values) in it; dtype: of the Fourier pairs; block_size: images per block, both half-sets
+    together (None: the whole set is one block, placed once and kept).
+    ``blocks(rows_list, mesh)`` yields, for each (G, c) array of particle rows (-1: padding, weight
+    0), those particles stacked as (G, c, ...) Particles (sharded over ``mesh`` when given, as
+    :func:`jaxcryo.distributed.shard_groups` places them).
+    """
+
+    n_particles: int
+    n_noise_groups: int
+    dtype: Any
+    block_size: int | None = None
+
+    def blocks(self, rows_list, mesh=None):
+        raise NotImplementedError
+
+
+class InMemoryBlocks(ParticleBlocks):
+    """Particles in memory as one block (``share``: the rows this process holds, several processes)."""
+
+    def __init__(self, particles: Particles, share: "dist.HostShare | None" = None):
+        self.particles, self.share = particles, share
+        self.n_particles = particles.weight.shape[0] if share is None else share.n_total
+        self.dtype = particles.data.dtype
+        group = particles.noise_group
+        self.n_noise_groups = 1 if group is None else int(np.max(np.asarray(group), initial=0)) + 1
+
+    def blocks(self, rows_list, mesh=None):
+        for rows in rows_list:
+            yield (_stack_groups(self.particles, rows) if mesh is None
+                   else dist.shard_groups(self.particles, rows, mesh, self.share))
+
+
+class BlockLayout:
+    """How the driver cuts each half-set (rows ``groups`` (G, m)) into blocks of at most
+    ``block_size`` images (both half-sets together; None: one block). The blocks hold
+    ``rows`` = ceil(m / n_blocks) positions each (sizes differ by at most one; the shorter ones
+    end with one padding row, as a half-set does), so every block has the same shape and the
+    compiled block function serves them all."""
+
+    def __init__(self, groups: np.ndarray, block_size: int | None):
+        self.groups = np.asarray(groups)
+        g, m = self.groups.shape
+        per = m if block_size is None else max(1, int(block_size) // g)
+        self.n_blocks = -(-m // per) if per < m else 1
+        self.rows = -(-m // self.n_blocks)
+
+    def _cut(self, positions):
+        """(G, m) positions in visiting order -> list of (G, rows) particle rows, -1 padded."""
+        out = []
+        for part in np.array_split(np.arange(positions.shape[1]), self.n_blocks):
+            pos = np.sort(positions[:, part], axis=1)  # file order within a block: kinder to disks
+            rows = np.take_along_axis(self.groups, pos, axis=1)
+            out.append(np.pad(rows, ((0, 0), (0, self.rows - rows.shape[1])), constant_values=-1))
+        return out
+
+    def fixed(self):
+        """The blocks of a statistics pass (the same every time)."""
+        g, m = self.groups.shape
+        return self._cut(np.broadcast_to(np.arange(m), (g, m)))
+
+    def shuffled(self, seed: int, epoch: int):
+        """The blocks of epoch ``epoch``: each half-set's rows in a fresh random order, drawn from
+        (seed, epoch) alone, so a resumed run sees the same blocks."""
+        g, m = self.groups.shape
+        rng = np.random.default_rng([int(seed), int(epoch), 0x6A63])
+        return self._cut(np.stack([rng.permutation(m) for _ in range(g)]))
+
+
+def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size_angstrom: float,
                 method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
                 epochs: int = 10, batch_size: int = 128, lam: float = 1e-4, r_max: int | None = None,
                 halves: bool = True, seed: int = 0, n_probes: int = 1, beta: float = 0.9,
@@ -332,11 +420,17 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 resume: ReconState | None = None,
                 callback: Callable[[ReconState], Any] | None = None,
                 devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
-                symmetry: str = "C1") -> Reconstruction:
+                symmetry: str = "C1", progress: Callable[[int], Any] | None = None) -> Reconstruction:
     """Reconstruct a map from particles with known poses.
 
     Args:
-      particles: :class:`~jaxcryo.forward.model.Particles` (from ``prepare_particles``).
+      particles: :class:`~jaxcryo.forward.model.Particles` (from ``prepare_particles``), or a
+        :class:`ParticleBlocks` source read block by block (e.g. streamed from disk:
+        :func:`jaxcryo.pipeline.reconstruct_streaming`). One driver either way: every epoch
+        sweeps the blocks (in memory: one) with the same compiled block function, the running
+        mean of the iterates carried across blocks; the exact diagonal, noise estimate, Wiener
+        prior and loss are sums over the blocks. Each half-set is cut into equal blocks whose
+        rows are reshuffled every epoch; with one block the result is the in-memory one.
       box, pixel_size_angstrom: the map's edge (pixels) and voxel size.
       method: 'psgd' (default; Hutchinson-preconditioned SGD, Algorithm 1), 'normal' (the
         normal equations accumulated in one pass and solved by CG: :func:`reconstruct_normal`,
@@ -392,10 +486,13 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         :mod:`jaxcryo.symmetry`): each image is used at its pose composed with every group
         element, so the map is symmetric by construction (as relion_reconstruct --sym). A step
         then costs about G times as much; ValueError for an unknown symbol.
+      progress: called with the number of images swept after each block of an epoch.
     """
     if noise_model not in NOISE_MODELS:
         raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
     if isinstance(method, str) and method == "normal":
+        if isinstance(particles, ParticleBlocks):
+            raise ValueError("method 'normal' needs every particle in memory (a Particles set); use 'psgd'")
         return reconstruct_normal(particles, box=box, pixel_size_angstrom=pixel_size_angstrom,
                                   interpolation=interpolation, rounds=epochs, batch_size=batch_size, lam=lam,
                                   r_max=r_max, halves=halves, seed=seed, wiener=wiener_after > 0, resume=resume,
@@ -404,31 +501,40 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     grid = FourierGrid(box, r_max)
     problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry,
                       shell_lam=None if shell_lam is None else tuple(float(x) for x in shell_lam))
-    dtype = particles.data.dtype
-    n_noise = 1 if particles.noise_group is None else int(np.max(np.asarray(particles.noise_group), initial=0)) + 1
+    source = particles if isinstance(particles, ParticleBlocks) else InMemoryBlocks(particles, share)
+    dtype = source.dtype
+    n_noise = source.n_noise_groups
     if jax.process_count() > 1:  # every process must build the same Problem
         from jax.experimental import multihost_utils
         n_noise = int(np.max(multihost_utils.process_allgather(np.asarray(n_noise))))
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
-    if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
-        mesh = dist.make_mesh(devices)
-    if mesh is not None and jax.process_count() == 1 and dist.n_devices(mesh) == 1:
-        mesh = None  # one device: the plain path, no collectives
-    n = particles.weight.shape[0] if share is None else share.n_total
-    groups = _split_halves(split_key, n, halves)
+    mesh = dist.mesh_for(devices, mesh)  # None on one device: the plain path, no collectives
+    groups = _split_halves(split_key, source.n_particles, halves)
     g = groups.shape[0]
-    if mesh is None:
-        stacked = _stack_groups(particles, groups)
-    else:
-        stacked = dist.shard_groups(particles, groups, mesh, share)
-        rows = dist.P(None, dist.AXIS)
-    batch_size = int(min(batch_size, groups.shape[1]))
+    layout = BlockLayout(groups, source.block_size)
+    batch_size = int(min(batch_size, layout.rows))
+    steps = layout.n_blocks * steps_per_block(layout.rows, batch_size)  # minibatch steps per epoch
+    if layout.n_blocks == 1:  # in memory: the one block is placed once and kept
+        whole = next(iter(source.blocks([groups], mesh)))
+        n_real = int(np.sum(groups >= 0))
+        fixed_blocks = lambda: (whole,)  # noqa: E731
+        training_blocks = lambda epoch: ((n_real, whole),)  # noqa: E731
+    else:  # streamed: every pass reads its blocks again (a fresh shuffle of the rows every epoch)
+        whole = None
+
+        def fixed_blocks():
+            return source.blocks(layout.fixed(), mesh)
+
+        def training_blocks(epoch):
+            order = layout.shuffled(seed, epoch)
+            return zip([int(np.sum(r >= 0)) for r in order], source.blocks(order, mesh))
+    rows = dist.P(None, dist.AXIS)
 
     # Warm-up steps (curvature samples only) take at most a quarter of the first epoch; none
     # when the estimate starts from the exact diagonal (one cheap pass for nearest/trilinear).
     seed_exact = init_samples > 0 and interpolation != "nufft"
-    warmup = 0 if seed_exact else int(min(warmup, (-(-groups.shape[1] // batch_size)) // 4))
+    warmup = 0 if seed_exact else int(min(warmup, steps // 4))
     if isinstance(method, str):
         tx = make_optimizer(method, box=box, r_max=grid.radius, beta=beta, alpha=alpha, n_probes=n_probes,
                             initial_step=initial_step, c=c, learning_rate=learning_rate, warmup=warmup,
@@ -438,43 +544,71 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     else:
         tx, exact, probes = optax.with_extra_args_support(method), False, n_probes
 
+    def per_block(fn, out_specs=dist.P()):
+        """jit of ``fn(params, block) -> sums`` over the half-sets (sums psum-ed over a mesh)."""
+        mapped = map_groups(fn, interpolation, (0, 0))
+        if mesh is not None:
+            mapped = dist.shard(mapped, mesh, in_specs=(dist.P(), rows), out_specs=out_specs)
+        return jax.jit(mapped)
+
+    def psum(x):
+        return x if mesh is None else jax.lax.psum(x, dist.AXIS)
+
+    def diag_sums(prob):
+        """Per block: each half-set's exact data diag(H) (normalised by the block's weight) and that weight."""
+        data = prob.data_only()
+        if data.interpolation == "nufft":
+            data = dataclasses.replace(data, interpolation="nearest")
+
+        def one(_, p):
+            w_here = jnp.sum(p.weight.astype(dtype))
+            d = exact_diagonal(p, data, int(min(batch_size, p.weight.shape[0])), dtype)
+            if mesh is None:
+                return d, w_here
+            w = psum(w_here)
+            return psum(d * w_here) / jnp.maximum(w, 1e-12), w
+        return per_block(one)
+
     def diagonals(prob):
         """Exact full-data diag(H) of each half-set, (G, N, N, H, 2) (nufft: nearest's)."""
-        if prob.interpolation == "nufft":
-            prob = dataclasses.replace(prob, interpolation="nearest")
-        if mesh is None:
-            return jax.jit(jax.vmap(lambda p: exact_diagonal(p, prob, batch_size, dtype)))(stacked)
-        return jax.jit(dist.shard(jax.vmap(lambda p: dist.sharded_exact_diagonal(p, prob, batch_size, dtype)),
-                                  mesh, in_specs=rows, out_specs=dist.P()))(stacked)
+        fn, dummy = diag_sums(prob), jnp.zeros((g,), dtype)
+        parts = [dist.to_local(fn(dummy, b)) for b in fixed_blocks()]
+        if len(parts) == 1:
+            d = parts[0][0]
+        else:
+            w = sum(p[1] for p in parts)
+            per_group = lambda x: x.reshape((g,) + (1,) * 4)  # noqa: E731
+            d = sum(p[0] * per_group(p[1]) for p in parts) / per_group(jnp.maximum(w, 1e-12))
+        d = jnp.asarray(d) + 2.0 * prob.regularizer(dtype)
+        return d if mesh is None else dist.replicate(d, mesh)
 
-    def residual_sums(p, parts):
+    def residual_one(p, part):
         # the residual does not depend on the weights or the prior: one compilation serves all epochs
         prob = dataclasses.replace(problem, lam=0.0, shell_weights=None, shell_lam=None)
-        power, pixels = residual_power(p, parts, prob, n_groups=n_noise, batch_size=batch_size)
-        if mesh is not None:
-            power, pixels = jax.lax.psum((power, pixels), dist.AXIS)
-        return power, pixels
+        return psum(residual_power(p, part, prob, n_groups=n_noise, batch_size=batch_size))
 
-    residual_sums = map_groups(residual_sums, interpolation)
-    if mesh is not None:
-        residual_sums = dist.shard(residual_sums, mesh, in_specs=(dist.P(), rows), out_specs=dist.P())
-    residual_sums = [jax.jit(residual_sums)]
+    residual_sums = per_block(residual_one)
 
     def noise_sigma2(params):
         """sigma^2 (G, S) pooled over the half-sets (each half's images at its own map), the
         images per noise group (G,), the residual power per half-set (H, G, S) with its images
         (H,), and the seconds spent compiling (the first time)."""
         seconds = 0.0
-        if not isinstance(residual_sums[0], jax.stages.Compiled):
+        power_h = pixels_h = 0.0
+        for b in fixed_blocks():
             t0 = time.perf_counter()
-            residual_sums[0] = residual_sums[0].lower(params, stacked).compile()
-            seconds = time.perf_counter() - t0
-        power, pixels = dist.to_local(residual_sums[0](params, stacked))
-        power_h, pixels_h = np.asarray(power, np.float64), np.asarray(pixels, np.float64)
+            power, pixels = dist.to_local(residual_sums(params, b))
+            power_h, pixels_h = power_h + np.asarray(power, np.float64), pixels_h + np.asarray(pixels, np.float64)
+            if not seconds:
+                seconds = time.perf_counter() - t0  # the first block: mostly compilation
         power, pixels = power_h.sum(0), pixels_h.sum(0)
         sigma2 = np.where(pixels > 0, power / np.maximum(pixels, 1e-30), np.nan)
         per_image = grid.multiplicity.sum()
         return sigma2, pixels.sum(1) / per_image, (power_h, pixels_h.sum((1, 2)) / per_image), seconds
+
+    def loss_sums(prob):
+        data = prob.data_only()
+        return per_block(lambda p, part: psum(data_loss_sum(p, part, data, batch_size)))
 
     if resume is None:
         init = problem.zeros(dtype) if init_volume_ft is None else jnp.asarray(init_volume_ft, dtype)
@@ -484,7 +618,8 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
         seed_exact = seed_exact and not exact and has_hutchinson(opt_state)
         if seed_exact:  # timed: counts toward the first epoch's seconds
             t0 = time.perf_counter()
-            opt_state = seed_hutchinson(opt_state, jax.block_until_ready(diagonals(problem)), init_samples)
+            opt_state = seed_hutchinson(opt_state, jax.block_until_ready(dist.to_local(diagonals(problem))),
+                                        init_samples)
             history0["init_seconds"] = time.perf_counter() - t0
         state = ReconState(0, params, opt_state, jax.random.split(key, g), history0)
     else:
@@ -500,33 +635,54 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
     if mesh is not None:  # volume, optimizer state and keys replicated; particle rows sharded
         state = state._replace(params=dist.replicate(state.params, mesh),
                                opt_state=dist.replicate(state.opt_state, mesh), key=dist.replicate(state.key, mesh))
+    params, opt_state, keys = state.params, state.opt_state, state.key
+    zero = jnp.zeros((), jnp.int32)
 
     def build(prob, data_diag=None, epoch_too=True):
-        """Compile the epoch for ``prob`` (before timing): (compiled epoch, full loss, diag, seconds).
-        ``data_diag``: the data term's diagonal when already computed (psgd-exact reuses it).
-        ``epoch_too`` False: only the full loss (after the last epoch)."""
+        """The block function for ``prob``, compiled (before timing) on the first block it sees:
+        (run, full-loss sums, diag). ``data_diag``: the data term's diagonal when already computed
+        (psgd-exact reuses it). ``epoch_too`` False: only the loss (after the last epoch)."""
         diag = None
         if exact and epoch_too:
             diag = diagonals(prob) if data_diag is None else data_diag + 2.0 * prob.regularizer(dtype)
-        epoch_fn, full_loss_fn = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
-                                                 mesh=mesh, n_rows=groups.shape[1], average=average)
-        if not epoch_too:
-            return None, jax.jit(full_loss_fn), None, 0.0
-        t0 = time.perf_counter()
-        compiled = jax.jit(epoch_fn, donate_argnums=(0, 1)).lower(
-            state.params, state.opt_state, state.key, stacked, diag, jnp.zeros((), dtype)).compile()
-        return compiled, jax.jit(full_loss_fn), diag, time.perf_counter() - t0
+        fn, _ = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact, mesh=mesh,
+                                n_rows=layout.rows, average=average, blocks=True)
+        jitted = jax.jit(fn, donate_argnums=(0, 1, 7))
+        compiled = []
 
-    compiled, full_loss, diag, compile_seconds = build(problem)
-    history["compile_seconds"] = compile_seconds
+        def run(*args):
+            if not compiled:
+                t0 = time.perf_counter()
+                compiled.append(jitted.lower(*args).compile())
+                history["compile_seconds"] += time.perf_counter() - t0
+            return compiled[0](*args)
+
+        if epoch_too and whole is not None:  # compile now, before any timing
+            mean = jnp.zeros_like(params) if average else None
+            t0 = time.perf_counter()
+            compiled.append(jitted.lower(params, opt_state, keys, whole, diag, zero, zero, mean).compile())
+            history["compile_seconds"] += time.perf_counter() - t0
+        return run, loss_sums(prob), diag
+
+    history["compile_seconds"] = 0.0
+    run_block, full_loss, diag = build(problem)
     elapsed = history["seconds"][-1] if history["seconds"] else history.get("init_seconds", 0.0)
-    params, opt_state, keys = state.params, state.opt_state, state.key
     for epoch in range(state.epoch + 1, epochs + 1):
         t0 = time.perf_counter()
-        average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)
-        params, opt_state, keys, _ = compiled(params, opt_state, keys, stacked, diag, average_from)
+        compiling = history["compile_seconds"]
+        start = jnp.asarray(np.floor((0.5 if epoch == 1 else 0.0) * steps), jnp.int32)
+        step0 = 0
+        mean = jnp.zeros_like(params) if average else None
+        for images, block in training_blocks(epoch):
+            params, opt_state, keys, _, mean = run_block(params, opt_state, keys, block, diag, start,
+                                                         jnp.asarray(step0, jnp.int32), mean)
+            step0 += steps_per_block(layout.rows, batch_size)
+            if progress is not None:
+                progress(images)
+        if average:
+            params = mean
         jax.block_until_ready(params)
-        elapsed += time.perf_counter() - t0
+        elapsed += time.perf_counter() - t0 - (history["compile_seconds"] - compiling)
         t0 = time.perf_counter()
         new_noise, residuals = False, None
         if noise_model == "estimate" and epoch >= noise_after:
@@ -552,27 +708,32 @@ def reconstruct(particles: Particles, *, box: int, pixel_size_angstrom: float,
                 local = params if mesh is None else dist.to_local(params)
                 halves_now = [np.asarray(ft_to_volume(v, interpolation)) for v in local]
                 data_diag = diagonals(problem.data_only())
-                shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(data_diag), box, r_max=grid.radius)
+                shell_lam = wiener_shell_lam(fsc(*halves_now), np.asarray(dist.to_local(data_diag)), box,
+                                             r_max=grid.radius)
                 problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
                 history["shell_lam"] = list(problem.shell_lam)
             if seed_exact and not exact and has_hutchinson(opt_state):  # restart from the new objective's diagonal
                 if data_diag is None:
                     data_diag = diagonals(problem.data_only())
-                opt_state = seed_hutchinson(opt_state, data_diag + 2.0 * problem.regularizer(dtype), init_samples)
+                opt_state = seed_hutchinson(opt_state, dist.to_local(data_diag) + 2.0 * problem.regularizer(dtype),
+                                            init_samples)
                 if mesh is not None:
                     opt_state = dist.replicate(opt_state, mesh)
             state = ReconState(epoch, params, opt_state, keys, history)
-            extra = 0.0
+            compiling = history["compile_seconds"]
             if epoch < epochs or residuals is None:  # after the last epoch only its loss is needed
-                compiled, full_loss, diag, extra = build(problem, data_diag, epoch_too=epoch < epochs)
-            history["compile_seconds"] += extra
-            elapsed += time.perf_counter() - t0 - extra
+                run_block, full_loss, diag = build(problem, data_diag, epoch_too=epoch < epochs)
+            elapsed += time.perf_counter() - t0 - (history["compile_seconds"] - compiling)
         reg = problem.regularizer(dtype)
         local = params if mesh is None else dist.to_local(params)
         prior = float(np.mean([float(jnp.sum(reg * p * p)) for p in local]))
         if residuals is None:
-            value = float(jnp.mean(full_loss(params, stacked)))
-            data_value = value - prior
+            total = weight = 0.0
+            for b in fixed_blocks():
+                t, w = dist.to_local(full_loss(params, b))
+                total, weight = total + np.asarray(t, np.float64), weight + np.asarray(w, np.float64)
+            data_value = float(np.mean(total / np.maximum(weight, 1e-12)))
+            value = data_value + prior
         else:  # the data term is linear in the noise weights: read it off the residual sums
             power_h, images_h = residuals
             weights = np.asarray(problem.shell_weights, np.float64)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcryo import poses
+from jaxcryo import distributed as dist, poses
 from jaxcryo.curvature import exact_diagonal
 from jaxcryo.forward.ctf import conj_multiply, shift_phase
 from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, volume_to_ft
@@ -375,7 +375,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
            lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
            chunk: int | None = None,
            resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
-           symmetry: str = "C1") -> Refinement:
+           symmetry: str = "C1", devices: int | None = None, mesh=None) -> Refinement:
     """Gold-standard refinement of a map and the particles' poses.
 
     Args:
@@ -405,6 +405,9 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       resume, callback: continue from / receive a :class:`RefineState` after every epoch.
       symmetry: point group (RELION symbol) of the volume step, where :mod:`jaxcryo.symmetry`
         is present (Problem.symmetry); the pose search still covers all of SO(3).
+      devices, mesh: spread the particles over this many local devices (default: all) or a
+        :func:`jaxcryo.distributed.make_mesh` mesh, as :func:`jaxcryo.reconstruct.reconstruct`
+        does; the same poses and maps as one device, up to float rounding.
     Returns:
       :class:`Refinement`. Its reconstruction's history has, per epoch: ``epoch``, ``loss`` (at
       the best poses), ``seconds``, ``resolution_angstrom``, ``angular_step_deg``,
@@ -428,6 +431,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     n = particles.weight.shape[0]
     groups = _split_halves(split_key, n, True)
     stacked = _stack_groups(particles, groups)
+    mesh = dist.mesh_for(devices, mesh)  # None on one device
+    sharded = stacked if mesh is None else dist.shard_groups(particles, groups, mesh)
     g, m = groups.shape
     batch_size = int(min(batch_size, m))
     steps_per_epoch = -(-m // batch_size)
@@ -475,7 +480,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         tag = (search, prob)
         if tag not in compiled:
             fn, _ = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
-                                    pose_stage=make_pose_stage(search, grid))
+                                    pose_stage=make_pose_stage(search, grid), mesh=mesh, n_rows=m)
             t0 = time.perf_counter()
             compiled.clear()  # one compiled epoch at a time: the schedule never goes back
             compiled[tag] = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
@@ -531,6 +536,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         before = np.asarray(pose_state.rotations)
         average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)
         inputs = (params, opt_state, keys, stacked, diag, average_from, pose_state, args)
+        if mesh is not None:  # particle rows sharded over the devices, everything else replicated
+            inputs = tuple(sharded if i == 3 else dist.replicate(x, mesh) for i, x in enumerate(inputs))
         t1 = time.perf_counter()
         fn = epoch_fn(search, volume_problem, *inputs)
         t0 += time.perf_counter() - t1  # compilation is not run time

@@ -203,3 +203,25 @@ def test_state_template_matches_what_reconstruct_builds(rng, halves=True):
     assert jax.tree.structure(template) == jax.tree.structure(real)
     assert [(a.shape, a.dtype) for a in jax.tree.leaves(template)] == \
         [(np.shape(b), np.asarray(b).dtype) for b in jax.tree.leaves(real)]
+
+
+def test_streaming_plan_is_flat_in_the_stack_and_counts_every_part():
+    from jaxcryo.pipeline import plan_streaming, step_scratch_bytes
+    small, big = (plan_streaming(64, n_images=n, chunk_size=1024, runtime_bytes=300 * 2 ** 20)
+                  for n in (10_000, 40_000))
+    assert small == big  # blocks of the same size (512 rows a half-set): nothing grows with the stack
+    assert small.runtime_bytes == 300 * 2 ** 20 and small.scratch_bytes == step_scratch_bytes(64)
+    # 5,000 rows a half-set in 10 equal blocks of 500: three blocks of pairs in flight, and the
+    # images of (prefetch + 2) blocks read
+    grid = FourierGrid(64)
+    assert small.particles_bytes == 3 * 1000 * (grid.n_pixels * 2 + 20) * 4
+    assert small.chunk_bytes >= 3 * 1000 * 64 * 64 * 4
+    assert small.in_memory_bytes == sum(dataclasses_values(small))
+    # one block holding everything: the whole set's pairs (as in memory) and its images once read
+    one = plan_streaming(64, n_images=1000, chunk_size=4096)
+    assert one.particles_bytes == 3 * 1000 * (grid.n_pixels * 2 + 20) * 4
+
+
+def dataclasses_values(plan):
+    import dataclasses
+    return [getattr(plan, f.name) for f in dataclasses.fields(plan)]
