@@ -153,7 +153,8 @@ def pose_errors_deg(estimated, truth):
 def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolution_angstrom: float = 35.0,
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
              n_particles: int | None = None, fine_from: float = 0.6, max_shift_px: float | None = None,
-             levels: int = 3):
+             levels: int = 3, local_epochs: int = 0, local_step_deg: float | None = None,
+             min_local_step_deg: float = 1.0):
     """The per-epoch settings: a list of dicts with ``r_limit`` (Fourier pixels scored, may be
     fractional), ``r_static`` (pixels fitted; fixes shapes), ``resolution_angstrom``,
     ``batch_size``, ``order`` (HEALPix order of the SO(3) grid), ``max_shift_px``,
@@ -165,6 +166,12 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     the SO(3) grid is order 1 (30 deg) before ``fine_from`` of the march and order 2 (15 deg)
     from the level that reaches it on; the shift step is a quarter of the level's resolution
     (at least one pixel).
+
+    Then ``local_epochs`` polishing epochs (``mode`` 'local', :func:`make_local_stage`) at the
+    final limit and the last minibatch size: each image is searched only about its best pose,
+    with an angular step ``step_deg`` from ``local_step_deg`` (default half the last global
+    grid step) halving every epoch down to ``min_local_step_deg``, and a shift step from half
+    the last global one halving down to a quarter pixel.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -191,7 +198,16 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
                     "resolution_angstrom": float(box * pixel_size_angstrom / max(r, 1.0)), "batch_size": b,
                     "order": 1 if (g < fine_from or levels == 1) else 2, "max_shift_px": max_shift_px,
                     "shift_step_px": float(min(step, max(max_shift_px, 1.0))),
-                    "target_fraction": float(0.01 * 0.1 ** f)})
+                    "target_fraction": float(0.01 * 0.1 ** f), "mode": "global",
+                    "step_deg": poses.angular_step_deg(1 if (g < fine_from or levels == 1) else 2)})
+    last = out[-1]
+    step = 0.5 * last["step_deg"] if local_step_deg is None else float(local_step_deg)
+    shift = 0.5 * last["shift_step_px"]
+    for _ in range(int(local_epochs)):
+        out.append(dict(last, r_limit=float(r1), resolution_angstrom=float(box * pixel_size_angstrom / max(r1, 1.0)),
+                        mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
+        step = max(0.5 * step, float(min_local_step_deg))
+        shift = max(0.5 * shift, 0.25)
     return out
 
 
@@ -313,6 +329,48 @@ def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift
     return stage
 
 
+def make_local_stage(grid: FourierGrid, *, local_n: int = 1, shift_n: int = 1, n_samples: int,
+                     interpolation: str, chunk: int = 4096):
+    """The polishing pose stage: each image is scored only near its best pose so far, over the
+    (2 local_n + 1)^3 rotations :func:`jaxcryo.poses.local_rotations` (step ``args['step_deg']``)
+    x the (2 shift_n + 1)^2 shifts :func:`jaxcryo.poses.local_shifts` (step
+    ``args['shift_step_px']``) about it, and ``n_samples`` poses are drawn from that local
+    posterior at the adaptive temperature (``args['target_fraction']`` of the local candidates;
+    0 gives T = 1, the Bayesian posterior). Same signature and outputs as
+    :func:`make_pose_stage`; the new rows are the local maximum, so each polishing epoch can
+    move a pose by up to sqrt(3) local_n steps and the steps can shrink from epoch to epoch
+    without recompiling (they are traced)."""
+
+    def stage(params, batch: Particles, rows, key, args):
+        dtype = batch.data.dtype
+        b = batch.data.shape[0]
+        c = ctf_batch(batch.ctf, grid, b, dtype)
+        cand_rot = poses.local_rotations(rows[0].astype(dtype), args["step_deg"], local_n)  # (B, L, 3, 3)
+        cand_shift = poses.local_shifts(rows[1].astype(dtype), args["shift_step_px"], shift_n)  # (B, S, 2)
+        n_shift = cand_shift.shape[1]
+        scores = poses.score_local(params, batch.data, c, cand_rot, cand_shift, grid,
+                                   pixel_weights=args["pixel_weights"], interpolation=interpolation, chunk=chunk)
+        flat = scores.reshape(b, -1)
+        t = jnp.maximum(adaptive_temperature(flat, batch.weight, args["target_fraction"]), 1.0)
+        logits = flat / t
+        draws = jax.random.categorical(key, logits, axis=-1, shape=(n_samples, b)).T  # (B, K)
+        best = jnp.argmax(logits, axis=-1)
+        max_prob = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
+        rows_b = jnp.arange(b)
+        rot = cand_rot[rows_b[:, None], draws // n_shift]  # (B, K, 3, 3)
+        shift = cand_shift[rows_b[:, None], draws % n_shift]  # (B, K, 2)
+        data = _shifted(batch.data, shift, grid)
+        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_samples, 0),
+                                                          batch.ctf)
+        expanded = Particles(data=data.reshape((b * n_samples,) + data.shape[2:]),
+                             rotations=rot.reshape(b * n_samples, 3, 3), ctf=ctf,
+                             weight=jnp.repeat(batch.weight / n_samples, n_samples))
+        new_rows = (cand_rot[rows_b, best // n_shift], cand_shift[rows_b, best % n_shift], max_prob.astype(dtype))
+        return expanded, new_rows, t
+
+    return stage
+
+
 # ----------------------------------------------------------------------------- epoch
 
 
@@ -382,7 +440,8 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
              interpolation: str = "trilinear", max_shift_px: float | None = None, lam: float = 1e-3,
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
-             settings: list | None = None, initial=None) -> AbInitio:
+             settings: list | None = None, initial=None, local_epochs: int = 0,
+             local_step_deg: float | None = None) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
@@ -421,7 +480,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         epochs=epochs, box=box, pixel_size_angstrom=pixel_size_angstrom,
         start_resolution_angstrom=start_resolution_angstrom, final_resolution_angstrom=final_resolution_angstrom,
         batch_size=batch_size, max_batch_size=max_batch_size, n_particles=n, max_shift_px=max_shift_px,
-        fine_from=fine_from)
+        fine_from=fine_from, local_epochs=local_epochs, local_step_deg=local_step_deg)
     diameter_angstrom = 0.7 * box * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     mask = jnp.asarray(spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom + 2, soft_width=3.0), dtype)
     sigma2 = _noise_power(particles.data, full)
@@ -457,12 +516,16 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         t0 = time.perf_counter()
         small = FourierGrid(box, int(s["r_static"]))
         problem = Problem(grid=small, interpolation=interpolation, lam=lam)
-        tag = (small, s["batch_size"], s["order"], s["max_shift_px"], s["shift_step_px"])
+        mode = s.get("mode", "global")
+        tag = (small, s["batch_size"], mode) + ((s["order"], s["max_shift_px"], s["shift_step_px"])
+                                                if mode == "global" else ())
         cropped = _crop(particles, full, small)
         inside = np.linalg.norm(small.freqs, axis=-1) <= s["r_limit"] + 1e-6
         args = {"pixel_weights": jnp.asarray(small.multiplicity * inside / sigma2, dtype),
                 "volume_mask": jnp.asarray((volume_radius(box) <= s["r_limit"] + 1.0)[..., None], dtype),
-                "target_fraction": jnp.asarray(s["target_fraction"], dtype)}
+                "target_fraction": jnp.asarray(s["target_fraction"], dtype),
+                "step_deg": jnp.asarray(s.get("step_deg", poses.angular_step_deg(s["order"])), dtype),
+                "shift_step_px": jnp.asarray(s["shift_step_px"], dtype)}
         inputs = (params, opt_state, key, cropped, pose_rows, args)
         # A named method's transform is a function of these settings only, so its compiled epoch
         # can be reused by a later run (a resume, a second seed) in the same process.
@@ -471,9 +534,12 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         cache = _COMPILED if isinstance(method, str) else compiled
         tag = tag + ((method, n_probes) if isinstance(method, str) else ())  # the seed only sets initial states
         if tag not in cache:
-            stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
-                                    shift_step_px=s["shift_step_px"], n_samples=n_samples,
-                                    interpolation=interpolation)
+            if mode == "global":
+                stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
+                                        shift_step_px=s["shift_step_px"], n_samples=n_samples,
+                                        interpolation=interpolation)
+            else:
+                stage = make_local_stage(small, n_samples=n_samples, interpolation=interpolation)
             fn = _make_epoch(problem, tx, stage, batch_size=int(s["batch_size"]), n_probes=probes, exact=exact)
             if len(cache) > 16:
                 cache.clear()
@@ -490,7 +556,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         history["resolution_angstrom"].append(float(s["resolution_angstrom"]))
         history["r_limit"].append(float(s["r_limit"]))
         history["batch_size"].append(int(s["batch_size"]))
-        history["angular_step_deg"].append(poses.angular_step_deg(s["order"]))
+        history["angular_step_deg"].append(float(s.get("step_deg", poses.angular_step_deg(s["order"]))))
         history["temperature"].append(float(jnp.mean(temps)))
         state = AbInitioState(e + 1, params, opt_state, key, *pose_rows, {k: list(v) for k, v in history.items()})
         if callback is not None:
