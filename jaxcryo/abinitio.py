@@ -22,7 +22,11 @@ the volume step. Every minibatch step is the two stages of the refine driver:
 Around the compiled epoch a schedule (:func:`schedule`) marches the frequency limit from
 ``start_resolution_angstrom`` (35 A) to ``final_resolution_angstrom`` (about 12-15 A; never
 finer than 2.5 pixels), with minibatches growing from ``batch_size`` to ``max_batch_size``
-and the SO(3) grid refining from HEALPix order 1 (30 deg) to 2 (15 deg) in the last part.
+on a global SO(3) grid of HEALPix order 1 (30 deg). Then a few **polishing** epochs
+(:func:`make_local_stage`) search each image only about its best pose, with angular and shift
+steps halving from epoch to epoch (15, 7.5, 3.75, 1.9 deg by default), while the map keeps
+taking the same volume steps: the poses end far finer than the global grid at a small
+fraction of the cost of a finer global grid.
 Only Fourier pixels inside the limit are used (the particles are cropped to that disk), so
 early epochs are cheap. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
 random noise (seeded), scaled to the images' power.
@@ -152,8 +156,8 @@ def pose_errors_deg(estimated, truth):
 
 def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolution_angstrom: float = 35.0,
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
-             n_particles: int | None = None, fine_from: float = 0.6, max_shift_px: float | None = None,
-             levels: int = 3, local_epochs: int = 0, local_step_deg: float | None = None,
+             n_particles: int | None = None, fine_from: float = 2.0, max_shift_px: float | None = None,
+             levels: int = 3, local_epochs: int = 4, local_step_deg: float | None = None,
              min_local_step_deg: float = 1.0):
     """The per-epoch settings: a list of dicts with ``r_limit`` (Fourier pixels scored, may be
     fractional), ``r_static`` (pixels fitted; fixes shapes), ``resolution_angstrom``,
@@ -164,11 +168,12 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     (default max(12 A, 2.5 px)) over the epochs. Shapes change only at ``levels`` steps of the
     static limit (each a recompilation): the minibatch grows geometrically from level to level,
     the SO(3) grid is order 1 (30 deg) before ``fine_from`` of the march and order 2 (15 deg)
-    from the level that reaches it on; the shift step is a quarter of the level's resolution
+    from the level that reaches it on (default never: the polishing epochs refine the poses at
+    a small fraction of the cost of a global 15 deg grid); the shift step is a quarter of the level's resolution
     (at least one pixel).
 
     Then ``local_epochs`` polishing epochs (``mode`` 'local', :func:`make_local_stage`) at the
-    final limit and the last minibatch size: each image is searched only about its best pose,
+    last epoch's limit (the final one) and minibatch size: each image is searched only about its best pose,
     with an angular step ``step_deg`` from ``local_step_deg`` (default half the last global
     grid step) halving every epoch down to ``min_local_step_deg``, and a shift step from half
     the last global one halving down to a quarter pixel.
@@ -178,7 +183,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     nyquist_shell = box // 2 - 1
     final = max(12.0, 2.5 * pixel_size_angstrom) if final_resolution_angstrom is None else final_resolution_angstrom
     start = max(start_resolution_angstrom, final)
-    max_shift_px = box / 6.0 if max_shift_px is None else float(max_shift_px)
+    max_shift_px = min(box / 6.0, max(3.0, 0.1 * box)) if max_shift_px is None else float(max_shift_px)
     r0 = min(nyquist_shell, box * pixel_size_angstrom / start)
     r1 = min(nyquist_shell, box * pixel_size_angstrom / final)
     levels = max(1, int(levels))
@@ -204,8 +209,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     step = 0.5 * last["step_deg"] if local_step_deg is None else float(local_step_deg)
     shift = 0.5 * last["shift_step_px"]
     for _ in range(int(local_epochs)):
-        out.append(dict(last, r_limit=float(r1), resolution_angstrom=float(box * pixel_size_angstrom / max(r1, 1.0)),
-                        mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
+        out.append(dict(last, mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
         step = max(0.5 * step, float(min_local_step_deg))
         shift = max(0.5 * shift, 0.25)
     return out
@@ -433,32 +437,37 @@ def _crop(particles: Particles, full: FourierGrid, small: FourierGrid) -> Partic
     return particles._replace(data=jnp.asarray(particles.data)[:, idx])
 
 
-def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epochs: int = 12,
+def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epochs: int = 8,
              diameter_angstrom: float | None = None, start_resolution_angstrom: float = 35.0,
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
-             n_samples: int = 4, fine_from: float = 0.6, method: str | optax.GradientTransformation = "psgd",
+             n_samples: int = 4, fine_from: float = 2.0, method: str | optax.GradientTransformation = "psgd-exact",
              interpolation: str = "trilinear", max_shift_px: float | None = None, lam: float = 1e-3,
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
-             settings: list | None = None, initial=None, local_epochs: int = 0,
+             settings: list | None = None, initial=None, local_epochs: int = 4,
              local_step_deg: float | None = None) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
       particles: :class:`Particles` on ``FourierGrid(box)`` (their ``rotations`` are ignored;
         ``data`` with any known shift already undone, else zeros).
-      epochs: passes over the particles; the schedule (:func:`schedule`) spreads the
-        frequency march, the minibatch growth and the grid refinement over them.
+      epochs: passes over the particles with global searches; the schedule (:func:`schedule`)
+        spreads the frequency march, the minibatch growth and the grid refinement over them.
       diameter_angstrom: particle diameter (the start's sphere and the solvent mask);
         default 0.7 of the box.
       start_resolution_angstrom, final_resolution_angstrom: the frequency march (35 A to
         max(12 A, 2.5 px) by default).
       batch_size, max_batch_size: first and last minibatch size.
       n_samples: poses drawn per image from the tempered posterior in each step.
-      fine_from: fraction of the march after which the SO(3) grid is 15 deg (> 1: 30 deg always).
+      fine_from: fraction of the march after which the global SO(3) grid is 15 deg (> 1, the
+        default: 30 deg always).
+      local_epochs, local_step_deg: polishing epochs after the march (local searches about each
+        image's best pose, at the final limit; angular step from ``local_step_deg``, default half
+        the global step, halving each epoch; see :func:`schedule`).
       method: 'psgd' (Hutchinson diagonal), 'psgd-exact' (the exact posterior-weighted
         diagonal of each minibatch), 'sgd', 'adam' or an optax transform.
-      max_shift_px: shift search radius in pixels (default box / 6).
+      max_shift_px: shift search radius in pixels (default a tenth of the box, within 3 px to
+        box / 6; the polishing epochs can move a shift beyond it).
       lam: Tikhonov weight.
       classes, symmetry: only 1 and 'C1' for now.
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
