@@ -149,8 +149,14 @@ def star_errors(found_star, truth_star) -> dict:
     global rotation, either hand; rows matched by image (index, stack file name)."""
     names, found = star_rotations(found_star)
     tnames, truth = star_rotations(truth_star)
-    where = {_image_key(t): i for i, t in enumerate(tnames)}
-    idx = np.array([where[_image_key(x)] for x in names])
+    keys, tkeys = [_image_key(x) for x in names], [_image_key(t) for t in tnames]
+    if not set(keys) <= set(tkeys) and len({k[1] for k in keys}) == 1 and len({k[1] for k in tkeys}) == 1:
+        keys, tkeys = [k[0] for k in keys], [k[0] for k in tkeys]  # one stack each, named differently
+    where = {k: i for i, k in enumerate(tkeys)}
+    missing = [n for n, k in zip(names, keys) if k not in where]
+    if missing:
+        raise SystemExit(f"{found_star}: {len(missing)} images not in {truth_star} (e.g. {missing[0]})")
+    idx = np.array([where[k] for k in keys])
     err, flipped = pose_errors_deg(found, truth[idx])
     return {"n": int(len(err)), "median_error_deg": float(np.median(err)), "mean_error_deg": float(err.mean()),
             "fraction_within_15_deg": float(np.mean(err < 15.0)), "mirror_hand": bool(flipped)}
@@ -160,15 +166,22 @@ def versus_relion(args) -> dict:
     """jaxcryo abinitio (CLI, defaults) on a STAR with known truth, against RELION's SGD poses."""
     from jaxcryo import cli
 
-    os.makedirs(args.work, exist_ok=True)
-    out = os.path.join(args.work, "init.mrc")
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    rc = cli.main(["abinitio", args.particles, "--out", out, "--quiet"] + list(args.abinitio_args))
-    wall = time.perf_counter() - t0
-    load_after = os.getloadavg()
-    if rc != 0:
-        raise SystemExit(f"jaxcryo abinitio failed with status {rc}")
+    if args.jaxcryo_work:  # a run made before (e.g. by the command line, timed there)
+        args.work = args.jaxcryo_work
+        out = os.path.join(args.work, "init.mrc")
+        wall = args.jaxcryo_seconds
+        load = [float(x) for x in (args.jaxcryo_load or "nan nan nan").replace(",", " ").split()]
+        load_before = load_after = load
+    else:
+        os.makedirs(args.work, exist_ok=True)
+        out = os.path.join(args.work, "init.mrc")
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        rc = cli.main(["abinitio", args.particles, "--out", out, "--quiet"] + list(args.abinitio_args))
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+        if rc != 0:
+            raise SystemExit(f"jaxcryo abinitio failed with status {rc}")
     with open(os.path.join(args.work, "history.json")) as fh:
         hist = json.load(fh)
     jc_row = {"wall_seconds": wall, "compile_seconds": hist["compile_seconds"],
@@ -179,7 +192,8 @@ def versus_relion(args) -> dict:
               "machine": machine(), "jaxcryo": jc_row}
     if args.relion_data:
         report["relion"] = {"data_star": os.path.abspath(args.relion_data), "wall_seconds": args.relion_seconds,
-                            "load_average": args.relion_load, **star_errors(args.relion_data, args.truth)}
+                            "load_average": args.relion_load, "note": args.relion_note,
+                            **star_errors(args.relion_data, args.truth)}
     return report
 
 
@@ -194,7 +208,7 @@ def versus_table(report: dict) -> str:
     if "relion" in report:
         r = report["relion"]
         secs = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
-        lines.append(f"| RELION 3.1 SGD | {r['median_error_deg']:.1f} | {r['fraction_within_15_deg']:.2f} | {secs} | "
+        lines.append(f"| RELION 3.1 SGD{' (' + r['note'] + ')' if r.get('note') else ''} | {r['median_error_deg']:.1f} | {r['fraction_within_15_deg']:.2f} | {secs} | "
                      f"{r['load_average'] or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -208,6 +222,12 @@ def main(argv=None) -> int:
     ap.add_argument("--relion-data", default=None, metavar="STAR", help="RELION SGD's _data.star on these particles")
     ap.add_argument("--relion-seconds", type=float, default=None, help="RELION's wall time (s)")
     ap.add_argument("--relion-load", default=None, help="load average during the RELION run (text)")
+    ap.add_argument("--relion-note", default=None, help="e.g. 'iteration 120 of 300 (unfinished)'")
+    ap.add_argument("--jaxcryo-work", default=None, metavar="DIR",
+                    help="score a finished jaxcryo run in DIR (init_particles.star, history.json) instead of "
+                         "running it; give its --jaxcryo-seconds and --jaxcryo-load")
+    ap.add_argument("--jaxcryo-seconds", type=float, default=None)
+    ap.add_argument("--jaxcryo-load", default=None)
     ap.add_argument("--abinitio-args", nargs=argparse.REMAINDER, default=[],
                     help="extra jaxcryo abinitio arguments (last on the line)")
     ap.add_argument("--work", default="abinitio_vs_relion", help="folder for jaxcryo's outputs")

@@ -158,7 +158,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
              n_particles: int | None = None, fine_from: float = 2.0, max_shift_px: float | None = None,
              levels: int = 3, local_epochs: int = 4, local_step_deg: float | None = None,
-             min_local_step_deg: float = 1.0):
+             min_local_step_deg: float = 1.0, cycles: int = 1):
     """The per-epoch settings: a list of dicts with ``r_limit`` (Fourier pixels scored, may be
     fractional), ``r_static`` (pixels fitted; fixes shapes), ``resolution_angstrom``,
     ``batch_size``, ``order`` (HEALPix order of the SO(3) grid), ``max_shift_px``,
@@ -176,7 +176,10 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     last epoch's limit (the final one) and minibatch size: each image is searched only about its best pose,
     with an angular step ``step_deg`` from ``local_step_deg`` (default half the last global
     grid step) halving every epoch down to ``min_local_step_deg``, and a shift step from half
-    the last global one halving down to a quarter pixel.
+    the last global one halving down to a quarter pixel. With ``cycles`` > 1, the last global
+    epoch and the polishing epochs are repeated (cycles - 1) times: a global search with the
+    polished map re-assigns particles that the earlier, blurrier map had put at wrong poses
+    (local searches cannot move them far).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -208,10 +211,14 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     last = out[-1]
     step = 0.5 * last["step_deg"] if local_step_deg is None else float(local_step_deg)
     shift = 0.5 * last["shift_step_px"]
+    polish = []
     for _ in range(int(local_epochs)):
-        out.append(dict(last, mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
+        polish.append(dict(last, mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
         step = max(0.5 * step, float(min_local_step_deg))
         shift = max(0.5 * shift, 0.25)
+    out += polish
+    for _ in range(max(int(cycles), 1) - 1):
+        out += [dict(last)] + [dict(x) for x in polish]
     return out
 
 
@@ -445,7 +452,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
              settings: list | None = None, initial=None, local_epochs: int = 4,
-             local_step_deg: float | None = None) -> AbInitio:
+             local_step_deg: float | None = None, cycles: int = 1) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
@@ -464,6 +471,8 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
       local_epochs, local_step_deg: polishing epochs after the march (local searches about each
         image's best pose, at the final limit; angular step from ``local_step_deg``, default half
         the global step, halving each epoch; see :func:`schedule`).
+      cycles: with > 1, one more global epoch then the polishing epochs again, (cycles - 1)
+        times (see :func:`schedule`).
       method: 'psgd' (Hutchinson diagonal), 'psgd-exact' (the exact posterior-weighted
         diagonal of each minibatch), 'sgd', 'adam' or an optax transform.
       max_shift_px: shift search radius in pixels (default a tenth of the box, within 3 px to
@@ -489,7 +498,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         epochs=epochs, box=box, pixel_size_angstrom=pixel_size_angstrom,
         start_resolution_angstrom=start_resolution_angstrom, final_resolution_angstrom=final_resolution_angstrom,
         batch_size=batch_size, max_batch_size=max_batch_size, n_particles=n, max_shift_px=max_shift_px,
-        fine_from=fine_from, local_epochs=local_epochs, local_step_deg=local_step_deg)
+        fine_from=fine_from, local_epochs=local_epochs, local_step_deg=local_step_deg, cycles=cycles)
     diameter_angstrom = 0.7 * box * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     mask = jnp.asarray(spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom + 2, soft_width=3.0), dtype)
     sigma2 = _noise_power(particles.data, full)

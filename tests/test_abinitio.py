@@ -67,6 +67,22 @@ def test_poses_agree_with_the_truth_up_to_a_global_rotation(simulated, run):
     assert min(h["temperature"]) >= 1.0 and h["batch_size"] == [24] * 12
 
 
+def test_schedule_marches_then_polishes_and_cycles():
+    plan = schedule(epochs=3, box=32, pixel_size_angstrom=5.0, local_epochs=3, cycles=2, n_particles=100,
+                    min_local_step_deg=2.0)
+    assert [s["mode"] for s in plan] == ["global"] * 3 + ["local"] * 3 + ["global"] + ["local"] * 3
+    assert [s["step_deg"] for s in plan] == [30.0] * 3 + [15.0, 7.5, 3.75] + [30.0, 15.0, 7.5, 3.75]
+    assert plan[6] == plan[2] and plan[3:6] == plan[7:10]
+    # polishing at the final limit and minibatch; shift steps halve from half the global one to 1/4 px
+    assert {s["r_limit"] for s in plan[2:]} == {plan[2]["r_limit"]} == {32 * 5.0 / 12.5}
+    assert [s["shift_step_px"] for s in plan[3:6]] == [0.5 * plan[2]["shift_step_px"], 0.25, 0.25]
+    assert {s["target_fraction"] for s in plan if s["mode"] == "local"} == {0.0}
+    assert plan[0]["target_fraction"] == pytest.approx(0.01) and plan[2]["target_fraction"] == pytest.approx(0.001)
+    # the default shift radius: a tenth of the box, within 3 px .. box / 6
+    radius = {b: schedule(epochs=1, box=b, pixel_size_angstrom=4.0)[0]["max_shift_px"] for b in (16, 24, 64, 128)}
+    assert radius == pytest.approx({16: 16 / 6, 24: 3.0, 64: 6.4, 128: 12.8})
+
+
 def test_global_alignment_recovers_a_rotation_and_the_mirror():
     rot = np.asarray(jc.random_rotations(jax.random.PRNGKey(0), 40), np.float64)
     g_true = np.asarray(jc.random_rotations(jax.random.PRNGKey(1), 1), np.float64)[0]
