@@ -849,7 +849,7 @@ def _abinitio(args) -> int:
                     "final_resolution": args.final_resolution, "batch_size": args.batch_size,
                     "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
                     "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift,
-                    "local_epochs": args.local_epochs}
+                    "local_epochs": args.local_epochs, "cycles": args.cycles}
         template = abinitio_state_template(method=args.method, box=box, n_particles=n)
         saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
         saved_state = _matching_checkpoint(args, ckpt, saved, settings,
@@ -864,7 +864,7 @@ def _abinitio(args) -> int:
         bar.close()
 
     start_epoch = 0 if resume is None else resume.epoch
-    total = args.epochs + args.local_epochs
+    total = args.epochs + args.local_epochs + (args.cycles - 1) * (1 + args.local_epochs)
     epochs_bar = tqdm(total=total, initial=min(start_epoch, total), desc="abinitio epochs",
                       unit="epoch", disable=args.quiet, leave=False)
 
@@ -879,7 +879,7 @@ def _abinitio(args) -> int:
                       diameter_angstrom=args.diameter, start_resolution_angstrom=args.start_resolution,
                       final_resolution_angstrom=args.final_resolution, batch_size=args.batch_size,
                       max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
-                      max_shift_px=args.max_shift, local_epochs=args.local_epochs,
+                      max_shift_px=args.max_shift, local_epochs=args.local_epochs, cycles=args.cycles,
                       callback=on_epoch, classes=args.classes, symmetry=args.symmetry)
     epochs_bar.close()
     del particles
@@ -1120,6 +1120,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passes over the particles with global pose searches")
     ab.add_argument("--local-epochs", type=_nonneg_int, default=4, metavar="E",
                     help="then passes with local searches about each particle's best pose (steps halving)")
+    ab.add_argument("--cycles", type=pos_int, default=1, metavar="C",
+                    help="with C > 1: one more global pass, then the local passes again, C - 1 times")
     ab.add_argument("--start-resolution", type=pos_float, default=35.0, metavar="A",
                     help="first frequency limit (Angstrom)")
     ab.add_argument("--final-resolution", type=pos_float, default=None, metavar="A",
