@@ -208,7 +208,8 @@ def versus_table(report: dict) -> str:
     if "relion" in report:
         r = report["relion"]
         secs = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
-        lines.append(f"| RELION 3.1 SGD{' (' + r['note'] + ')' if r.get('note') else ''} | {r['median_error_deg']:.1f} | {r['fraction_within_15_deg']:.2f} | {secs} | "
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| RELION 3.1 SGD{note} | {r['median_error_deg']:.1f} | {r['fraction_within_15_deg']:.2f} | {secs} | "
                      f"{r['load_average'] or '-'} |")
     return "\n".join(lines) + "\n"
 

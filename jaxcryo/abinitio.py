@@ -26,7 +26,9 @@ on a global SO(3) grid of HEALPix order 1 (30 deg). Then a few **polishing** epo
 (:func:`make_local_stage`) search each image only about its best pose, with angular and shift
 steps halving from epoch to epoch (15, 7.5, 3.75, 1.9 deg by default), while the map keeps
 taking the same volume steps: the poses end far finer than the global grid at a small
-fraction of the cost of a finer global grid.
+fraction of the cost of a finer global grid. By default this is done twice (``cycles=2``): one
+more global epoch with the polished map re-assigns some particles the early map had misplaced,
+then the polishing is repeated (measured at SNR 0.1: median error 3.3 -> 2.7 degrees).
 Only Fourier pixels inside the limit are used (the particles are cropped to that disk), so
 early epochs are cheap. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
 random noise (seeded), scaled to the images' power.
@@ -158,7 +160,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
              n_particles: int | None = None, fine_from: float = 2.0, max_shift_px: float | None = None,
              levels: int = 3, local_epochs: int = 4, local_step_deg: float | None = None,
-             min_local_step_deg: float = 1.0, cycles: int = 1):
+             min_local_step_deg: float = 1.0, cycles: int = 2):
     """The per-epoch settings: a list of dicts with ``r_limit`` (Fourier pixels scored, may be
     fractional), ``r_static`` (pixels fitted; fixes shapes), ``resolution_angstrom``,
     ``batch_size``, ``order`` (HEALPix order of the SO(3) grid), ``max_shift_px``,
@@ -176,7 +178,7 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     last epoch's limit (the final one) and minibatch size: each image is searched only about its best pose,
     with an angular step ``step_deg`` from ``local_step_deg`` (default half the last global
     grid step) halving every epoch down to ``min_local_step_deg``, and a shift step from half
-    the last global one halving down to a quarter pixel. With ``cycles`` > 1, the last global
+    the last global one halving down to a quarter pixel. With ``cycles`` > 1 (default 2), the last global
     epoch and the polishing epochs are repeated (cycles - 1) times: a global search with the
     polished map re-assigns particles that the earlier, blurrier map had put at wrong poses
     (local searches cannot move them far).
@@ -452,7 +454,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
              settings: list | None = None, initial=None, local_epochs: int = 4,
-             local_step_deg: float | None = None, cycles: int = 1) -> AbInitio:
+             local_step_deg: float | None = None, cycles: int = 2) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:

@@ -833,7 +833,8 @@ def _abinitio(args) -> int:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
         plan = plan_memory(n, box, groups=1, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
-        _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, {args.epochs} + {args.local_epochs} epochs from "
+        _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, "
+                   f"{args.epochs} + {args.local_epochs} epochs from "
                    f"{args.start_resolution:g} Å to {args.final_resolution or max(12.0, 2.5 * px):g} Å; memory needed "
                    f"about {plan.describe()}, limit {format_bytes(limit)}")
         if plan.in_memory_bytes > limit:
@@ -1120,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="passes over the particles with global pose searches")
     ab.add_argument("--local-epochs", type=_nonneg_int, default=4, metavar="E",
                     help="then passes with local searches about each particle's best pose (steps halving)")
-    ab.add_argument("--cycles", type=pos_int, default=1, metavar="C",
+    ab.add_argument("--cycles", type=pos_int, default=2, metavar="C",
                     help="with C > 1: one more global pass, then the local passes again, C - 1 times")
     ab.add_argument("--start-resolution", type=pos_float, default=35.0, metavar="A",
                     help="first frequency limit (Angstrom)")

@@ -29,7 +29,7 @@ RUN = dict(box=BOX, pixel_size_angstrom=PX, epochs=10, batch_size=24, max_batch_
 def _settings(epochs=RUN["epochs"], local_epochs=2):
     return schedule(epochs=epochs, box=BOX, pixel_size_angstrom=PX, start_resolution_angstrom=35.0,
                     final_resolution_angstrom=14.0, batch_size=24, max_batch_size=24, n_particles=N,
-                    fine_from=2.0, max_shift_px=1.0, levels=1, local_epochs=local_epochs)
+                    fine_from=2.0, max_shift_px=1.0, levels=1, local_epochs=local_epochs, cycles=1)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +235,7 @@ def test_cli_abinitio_writes_map_star_history_and_resumes(tmp_path, capsys):
                      "--snr", "1", "--quiet"]) == 0
     out = tmp_path / "ab" / "init.mrc"  # the folder is created by abinitio
     argv = ["abinitio", str(sim / "particles.star"), "--out", str(out), "--epochs", "1", "--local-epochs", "1",
+            "--cycles", "1",
             "--batch-size", "32", "--max-batch-size", "32", "--quiet", "--keep-checkpoint"]
     capsys.readouterr()
     assert cli.main(argv) == 0
