@@ -171,7 +171,7 @@ def versus_relion(args) -> dict:
         out = os.path.join(args.work, "init.mrc")
         wall = args.jaxcryo_seconds
         load = [float(x) for x in (args.jaxcryo_load or "nan nan nan").replace(",", " ").split()]
-        load_before = load_after = load
+        load_before, load_after = load[:1], load[-1:]
     else:
         os.makedirs(args.work, exist_ok=True)
         out = os.path.join(args.work, "init.mrc")
