@@ -12,6 +12,16 @@ converge (its global search at 15 deg is not needed).
     python benchmarks/abinitio.py --size small --seeds 0 1   # box 16, 240 particles: ~2 min on 2 CPU cores
 
 Writes benchmarks/results/abinitio_<size>.{json,md} with the machine named.
+
+Against RELION 3.1's SGD initial model on particles with known true poses (e.g. made by
+relion_project from an EMDB map): runs ``jaxcryo abinitio PARTICLES.star --out DIR/init.mrc``
+with its defaults (plus any ``--abinitio-args``) and scores the poses it found, and RELION's
+(the ``_data.star`` of ``relion_refine --sgd --denovo_3dref``, its wall time given with
+``--relion-seconds``), by the median angular error to the truth after the best global rotation
+(either hand); the JSON names the machine and the load average before and after::
+
+    python benchmarks/abinitio.py --particles parts.star --truth sim/particles.star \
+        --relion-data relion_sgd/run_it300_data.star --relion-seconds 5400 --work /tmp/ab
 """
 from __future__ import annotations
 
@@ -116,13 +126,130 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def star_rotations(path):
+    """Image names and rotation matrices (n, 3, 3) of a particle STAR file."""
+    import starfile
+
+    from jaxcryo.geometry import euler_to_matrix
+
+    d = starfile.read(path, always_dict=True)
+    df = d["particles"] if "particles" in d else next(iter(d.values()))
+    names = [str(x) for x in df["rlnImageName"]]
+    euler = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(np.float64)
+    return names, np.asarray(euler_to_matrix(euler))
+
+
+def _image_key(name: str) -> tuple:
+    index, _, stack = name.partition("@")
+    return int(index), os.path.basename(stack)
+
+
+def star_errors(found_star, truth_star) -> dict:
+    """Median (and spread) of the angular errors of a STAR's poses to the truth after the best
+    global rotation, either hand; rows matched by image (index, stack file name)."""
+    names, found = star_rotations(found_star)
+    tnames, truth = star_rotations(truth_star)
+    keys, tkeys = [_image_key(x) for x in names], [_image_key(t) for t in tnames]
+    if not set(keys) <= set(tkeys) and len({k[1] for k in keys}) == 1 and len({k[1] for k in tkeys}) == 1:
+        keys, tkeys = [k[0] for k in keys], [k[0] for k in tkeys]  # one stack each, named differently
+    where = {k: i for i, k in enumerate(tkeys)}
+    missing = [n for n, k in zip(names, keys) if k not in where]
+    if missing:
+        raise SystemExit(f"{found_star}: {len(missing)} images not in {truth_star} (e.g. {missing[0]})")
+    idx = np.array([where[k] for k in keys])
+    err, flipped = pose_errors_deg(found, truth[idx])
+    return {"n": int(len(err)), "median_error_deg": float(np.median(err)), "mean_error_deg": float(err.mean()),
+            "fraction_within_15_deg": float(np.mean(err < 15.0)), "mirror_hand": bool(flipped)}
+
+
+def versus_relion(args) -> dict:
+    """jaxcryo abinitio (CLI, defaults) on a STAR with known truth, against RELION's SGD poses."""
+    from jaxcryo import cli
+
+    if args.jaxcryo_work:  # a run made before (e.g. by the command line, timed there)
+        args.work = args.jaxcryo_work
+        out = os.path.join(args.work, "init.mrc")
+        wall = args.jaxcryo_seconds
+        load = [float(x) for x in (args.jaxcryo_load or "nan nan nan").replace(",", " ").split()]
+        load_before, load_after = load[:1], load[-1:]
+    else:
+        os.makedirs(args.work, exist_ok=True)
+        out = os.path.join(args.work, "init.mrc")
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        rc = cli.main(["abinitio", args.particles, "--out", out, "--quiet"] + list(args.abinitio_args))
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
+        if rc != 0:
+            raise SystemExit(f"jaxcryo abinitio failed with status {rc}")
+    with open(os.path.join(args.work, "history.json")) as fh:
+        hist = json.load(fh)
+    jc_row = {"wall_seconds": wall, "compile_seconds": hist["compile_seconds"],
+              "load_average_before": load_before, "load_average_after": load_after,
+              "command": f"jaxcryo abinitio {args.particles} --out {out} " + " ".join(args.abinitio_args),
+              **star_errors(os.path.join(args.work, "init_particles.star"), args.truth)}
+    report = {"particles": os.path.abspath(args.particles), "truth": os.path.abspath(args.truth),
+              "machine": machine(), "jaxcryo": jc_row}
+    if args.relion_data:
+        report["relion"] = {"data_star": os.path.abspath(args.relion_data), "wall_seconds": args.relion_seconds,
+                            "load_average": args.relion_load, "note": args.relion_note,
+                            **star_errors(args.relion_data, args.truth)}
+    return report
+
+
+def versus_table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Ab initio against RELION 3.1 SGD ({os.path.basename(report['particles'])})", "",
+             f"Machine: {m['platform']}, {m['cpu_count']} CPUs, JAX {m['jax']} on {m['backend']}.", "",
+             "| program | median error (deg) | within 15 deg | wall s | load average |", "|---|---|---|---|---|"]
+    j = report["jaxcryo"]
+    lines.append(f"| jaxcryo abinitio | {j['median_error_deg']:.1f} | {j['fraction_within_15_deg']:.2f} | "
+                 f"{j['wall_seconds']:.0f} | {j['load_average_before'][0]:.1f} -> {j['load_average_after'][0]:.1f} |")
+    if "relion" in report:
+        r = report["relion"]
+        secs = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| RELION 3.1 SGD{note} | {r['median_error_deg']:.1f} | {r['fraction_within_15_deg']:.2f} | {secs} | "
+                     f"{r['load_average'] or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--particles", default=None, metavar="STAR",
+                    help="compare with RELION instead: particles with known truth (poses ignored by abinitio)")
+    ap.add_argument("--truth", default=None, metavar="STAR", help="the particles' true poses (same image names)")
+    ap.add_argument("--relion-data", default=None, metavar="STAR", help="RELION SGD's _data.star on these particles")
+    ap.add_argument("--relion-seconds", type=float, default=None, help="RELION's wall time (s)")
+    ap.add_argument("--relion-load", default=None, help="load average during the RELION run (text)")
+    ap.add_argument("--relion-note", default=None, help="e.g. 'iteration 120 of 300 (unfinished)'")
+    ap.add_argument("--jaxcryo-work", default=None, metavar="DIR",
+                    help="score a finished jaxcryo run in DIR (init_particles.star, history.json) instead of "
+                         "running it; give its --jaxcryo-seconds and --jaxcryo-load")
+    ap.add_argument("--jaxcryo-seconds", type=float, default=None)
+    ap.add_argument("--jaxcryo-load", default=None)
+    ap.add_argument("--abinitio-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra jaxcryo abinitio arguments (last on the line)")
+    ap.add_argument("--work", default="abinitio_vs_relion", help="folder for jaxcryo's outputs")
+    ap.add_argument("--tag", default="heldout", help="results file name: abinitio_vs_relion_<tag>")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    if args.particles:
+        if not args.truth:
+            ap.error("--particles needs --truth")
+        report = versus_relion(args)
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"abinitio_vs_relion_{args.tag}")
+        with open(base + ".json", "w") as fh:
+            json.dump(report, fh, indent=1)
+        text = versus_table(report)
+        with open(base + ".md", "w") as fh:
+            fh.write(text)
+        print(text)
+        return 0
     report = run(args.size, args.methods, args.seeds)
     os.makedirs(args.out, exist_ok=True)
     backend = report["machine"]["backend"]

@@ -22,7 +22,13 @@ the volume step. Every minibatch step is the two stages of the refine driver:
 Around the compiled epoch a schedule (:func:`schedule`) marches the frequency limit from
 ``start_resolution_angstrom`` (35 A) to ``final_resolution_angstrom`` (about 12-15 A; never
 finer than 2.5 pixels), with minibatches growing from ``batch_size`` to ``max_batch_size``
-and the SO(3) grid refining from HEALPix order 1 (30 deg) to 2 (15 deg) in the last part.
+on a global SO(3) grid of HEALPix order 1 (30 deg). Then a few **polishing** epochs
+(:func:`make_local_stage`) search each image only about its best pose, with angular and shift
+steps halving from epoch to epoch (15, 7.5, 3.75, 1.9 deg by default), while the map keeps
+taking the same volume steps: the poses end far finer than the global grid at a small
+fraction of the cost of a finer global grid. By default this is done twice (``cycles=2``): one
+more global epoch with the polished map re-assigns some particles the early map had misplaced,
+then the polishing is repeated (measured at SNR 0.1: median error 3.3 -> 2.7 degrees).
 Only Fourier pixels inside the limit are used (the particles are cropped to that disk), so
 early epochs are cheap. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
 random noise (seeded), scaled to the images' power.
@@ -152,8 +158,9 @@ def pose_errors_deg(estimated, truth):
 
 def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolution_angstrom: float = 35.0,
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
-             n_particles: int | None = None, fine_from: float = 0.6, max_shift_px: float | None = None,
-             levels: int = 3):
+             n_particles: int | None = None, fine_from: float = 2.0, max_shift_px: float | None = None,
+             levels: int = 3, local_epochs: int = 4, local_step_deg: float | None = None,
+             min_local_step_deg: float = 1.0, cycles: int = 2):
     """The per-epoch settings: a list of dicts with ``r_limit`` (Fourier pixels scored, may be
     fractional), ``r_static`` (pixels fitted; fixes shapes), ``resolution_angstrom``,
     ``batch_size``, ``order`` (HEALPix order of the SO(3) grid), ``max_shift_px``,
@@ -163,15 +170,25 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
     (default max(12 A, 2.5 px)) over the epochs. Shapes change only at ``levels`` steps of the
     static limit (each a recompilation): the minibatch grows geometrically from level to level,
     the SO(3) grid is order 1 (30 deg) before ``fine_from`` of the march and order 2 (15 deg)
-    from the level that reaches it on; the shift step is a quarter of the level's resolution
+    from the level that reaches it on (default never: the polishing epochs refine the poses at
+    a small fraction of the cost of a global 15 deg grid); the shift step is a quarter of the level's resolution
     (at least one pixel).
+
+    Then ``local_epochs`` polishing epochs (``mode`` 'local', :func:`make_local_stage`) at the
+    last epoch's limit (the final one) and minibatch size: each image is searched only about its best pose,
+    with an angular step ``step_deg`` from ``local_step_deg`` (default half the last global
+    grid step) halving every epoch down to ``min_local_step_deg``, and a shift step from half
+    the last global one halving down to a quarter pixel. With ``cycles`` > 1 (default 2), the last global
+    epoch and the polishing epochs are repeated (cycles - 1) times: a global search with the
+    polished map re-assigns particles that the earlier, blurrier map had put at wrong poses
+    (local searches cannot move them far).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     nyquist_shell = box // 2 - 1
     final = max(12.0, 2.5 * pixel_size_angstrom) if final_resolution_angstrom is None else final_resolution_angstrom
     start = max(start_resolution_angstrom, final)
-    max_shift_px = box / 6.0 if max_shift_px is None else float(max_shift_px)
+    max_shift_px = min(box / 6.0, max(3.0, 0.1 * box)) if max_shift_px is None else float(max_shift_px)
     r0 = min(nyquist_shell, box * pixel_size_angstrom / start)
     r1 = min(nyquist_shell, box * pixel_size_angstrom / final)
     levels = max(1, int(levels))
@@ -191,7 +208,19 @@ def schedule(*, epochs: int, box: int, pixel_size_angstrom: float, start_resolut
                     "resolution_angstrom": float(box * pixel_size_angstrom / max(r, 1.0)), "batch_size": b,
                     "order": 1 if (g < fine_from or levels == 1) else 2, "max_shift_px": max_shift_px,
                     "shift_step_px": float(min(step, max(max_shift_px, 1.0))),
-                    "target_fraction": float(0.01 * 0.1 ** f)})
+                    "target_fraction": float(0.01 * 0.1 ** f), "mode": "global",
+                    "step_deg": poses.angular_step_deg(1 if (g < fine_from or levels == 1) else 2)})
+    last = out[-1]
+    step = 0.5 * last["step_deg"] if local_step_deg is None else float(local_step_deg)
+    shift = 0.5 * last["shift_step_px"]
+    polish = []
+    for _ in range(int(local_epochs)):
+        polish.append(dict(last, mode="local", step_deg=float(step), shift_step_px=float(shift), target_fraction=0.0))
+        step = max(0.5 * step, float(min_local_step_deg))
+        shift = max(0.5 * shift, 0.25)
+    out += polish
+    for _ in range(max(int(cycles), 1) - 1):
+        out += [dict(last)] + [dict(x) for x in polish]
     return out
 
 
@@ -313,6 +342,48 @@ def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift
     return stage
 
 
+def make_local_stage(grid: FourierGrid, *, local_n: int = 1, shift_n: int = 1, n_samples: int,
+                     interpolation: str, chunk: int = 4096):
+    """The polishing pose stage: each image is scored only near its best pose so far, over the
+    (2 local_n + 1)^3 rotations :func:`jaxcryo.poses.local_rotations` (step ``args['step_deg']``)
+    x the (2 shift_n + 1)^2 shifts :func:`jaxcryo.poses.local_shifts` (step
+    ``args['shift_step_px']``) about it, and ``n_samples`` poses are drawn from that local
+    posterior at the adaptive temperature (``args['target_fraction']`` of the local candidates;
+    0 gives T = 1, the Bayesian posterior). Same signature and outputs as
+    :func:`make_pose_stage`; the new rows are the local maximum, so each polishing epoch can
+    move a pose by up to sqrt(3) local_n steps and the steps can shrink from epoch to epoch
+    without recompiling (they are traced)."""
+
+    def stage(params, batch: Particles, rows, key, args):
+        dtype = batch.data.dtype
+        b = batch.data.shape[0]
+        c = ctf_batch(batch.ctf, grid, b, dtype)
+        cand_rot = poses.local_rotations(rows[0].astype(dtype), args["step_deg"], local_n)  # (B, L, 3, 3)
+        cand_shift = poses.local_shifts(rows[1].astype(dtype), args["shift_step_px"], shift_n)  # (B, S, 2)
+        n_shift = cand_shift.shape[1]
+        scores = poses.score_local(params, batch.data, c, cand_rot, cand_shift, grid,
+                                   pixel_weights=args["pixel_weights"], interpolation=interpolation, chunk=chunk)
+        flat = scores.reshape(b, -1)
+        t = jnp.maximum(adaptive_temperature(flat, batch.weight, args["target_fraction"]), 1.0)
+        logits = flat / t
+        draws = jax.random.categorical(key, logits, axis=-1, shape=(n_samples, b)).T  # (B, K)
+        best = jnp.argmax(logits, axis=-1)
+        max_prob = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
+        rows_b = jnp.arange(b)
+        rot = cand_rot[rows_b[:, None], draws // n_shift]  # (B, K, 3, 3)
+        shift = cand_shift[rows_b[:, None], draws % n_shift]  # (B, K, 2)
+        data = _shifted(batch.data, shift, grid)
+        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_samples, 0),
+                                                          batch.ctf)
+        expanded = Particles(data=data.reshape((b * n_samples,) + data.shape[2:]),
+                             rotations=rot.reshape(b * n_samples, 3, 3), ctf=ctf,
+                             weight=jnp.repeat(batch.weight / n_samples, n_samples))
+        new_rows = (cand_rot[rows_b, best // n_shift], cand_shift[rows_b, best % n_shift], max_prob.astype(dtype))
+        return expanded, new_rows, t
+
+    return stage
+
+
 # ----------------------------------------------------------------------------- epoch
 
 
@@ -375,31 +446,39 @@ def _crop(particles: Particles, full: FourierGrid, small: FourierGrid) -> Partic
     return particles._replace(data=jnp.asarray(particles.data)[:, idx])
 
 
-def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epochs: int = 12,
+def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epochs: int = 8,
              diameter_angstrom: float | None = None, start_resolution_angstrom: float = 35.0,
              final_resolution_angstrom: float | None = None, batch_size: int = 64, max_batch_size: int = 256,
-             n_samples: int = 4, fine_from: float = 0.6, method: str | optax.GradientTransformation = "psgd",
+             n_samples: int = 4, fine_from: float = 2.0, method: str | optax.GradientTransformation = "psgd-exact",
              interpolation: str = "trilinear", max_shift_px: float | None = None, lam: float = 1e-3,
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
-             settings: list | None = None, initial=None) -> AbInitio:
+             settings: list | None = None, initial=None, local_epochs: int = 4,
+             local_step_deg: float | None = None, cycles: int = 2) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
       particles: :class:`Particles` on ``FourierGrid(box)`` (their ``rotations`` are ignored;
         ``data`` with any known shift already undone, else zeros).
-      epochs: passes over the particles; the schedule (:func:`schedule`) spreads the
-        frequency march, the minibatch growth and the grid refinement over them.
+      epochs: passes over the particles with global searches; the schedule (:func:`schedule`)
+        spreads the frequency march, the minibatch growth and the grid refinement over them.
       diameter_angstrom: particle diameter (the start's sphere and the solvent mask);
         default 0.7 of the box.
       start_resolution_angstrom, final_resolution_angstrom: the frequency march (35 A to
         max(12 A, 2.5 px) by default).
       batch_size, max_batch_size: first and last minibatch size.
       n_samples: poses drawn per image from the tempered posterior in each step.
-      fine_from: fraction of the march after which the SO(3) grid is 15 deg (> 1: 30 deg always).
+      fine_from: fraction of the march after which the global SO(3) grid is 15 deg (> 1, the
+        default: 30 deg always).
+      local_epochs, local_step_deg: polishing epochs after the march (local searches about each
+        image's best pose, at the final limit; angular step from ``local_step_deg``, default half
+        the global step, halving each epoch; see :func:`schedule`).
+      cycles: with > 1, one more global epoch then the polishing epochs again, (cycles - 1)
+        times (see :func:`schedule`).
       method: 'psgd' (Hutchinson diagonal), 'psgd-exact' (the exact posterior-weighted
         diagonal of each minibatch), 'sgd', 'adam' or an optax transform.
-      max_shift_px: shift search radius in pixels (default box / 6).
+      max_shift_px: shift search radius in pixels (default a tenth of the box, within 3 px to
+        box / 6; the polishing epochs can move a shift beyond it).
       lam: Tikhonov weight.
       classes, symmetry: only 1 and 'C1' for now.
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
@@ -421,7 +500,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         epochs=epochs, box=box, pixel_size_angstrom=pixel_size_angstrom,
         start_resolution_angstrom=start_resolution_angstrom, final_resolution_angstrom=final_resolution_angstrom,
         batch_size=batch_size, max_batch_size=max_batch_size, n_particles=n, max_shift_px=max_shift_px,
-        fine_from=fine_from)
+        fine_from=fine_from, local_epochs=local_epochs, local_step_deg=local_step_deg, cycles=cycles)
     diameter_angstrom = 0.7 * box * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     mask = jnp.asarray(spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom + 2, soft_width=3.0), dtype)
     sigma2 = _noise_power(particles.data, full)
@@ -457,12 +536,16 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         t0 = time.perf_counter()
         small = FourierGrid(box, int(s["r_static"]))
         problem = Problem(grid=small, interpolation=interpolation, lam=lam)
-        tag = (small, s["batch_size"], s["order"], s["max_shift_px"], s["shift_step_px"])
+        mode = s.get("mode", "global")
+        tag = (small, s["batch_size"], mode) + ((s["order"], s["max_shift_px"], s["shift_step_px"])
+                                                if mode == "global" else ())
         cropped = _crop(particles, full, small)
         inside = np.linalg.norm(small.freqs, axis=-1) <= s["r_limit"] + 1e-6
         args = {"pixel_weights": jnp.asarray(small.multiplicity * inside / sigma2, dtype),
                 "volume_mask": jnp.asarray((volume_radius(box) <= s["r_limit"] + 1.0)[..., None], dtype),
-                "target_fraction": jnp.asarray(s["target_fraction"], dtype)}
+                "target_fraction": jnp.asarray(s["target_fraction"], dtype),
+                "step_deg": jnp.asarray(s.get("step_deg", poses.angular_step_deg(s["order"])), dtype),
+                "shift_step_px": jnp.asarray(s["shift_step_px"], dtype)}
         inputs = (params, opt_state, key, cropped, pose_rows, args)
         # A named method's transform is a function of these settings only, so its compiled epoch
         # can be reused by a later run (a resume, a second seed) in the same process.
@@ -471,9 +554,12 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         cache = _COMPILED if isinstance(method, str) else compiled
         tag = tag + ((method, n_probes) if isinstance(method, str) else ())  # the seed only sets initial states
         if tag not in cache:
-            stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
-                                    shift_step_px=s["shift_step_px"], n_samples=n_samples,
-                                    interpolation=interpolation)
+            if mode == "global":
+                stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
+                                        shift_step_px=s["shift_step_px"], n_samples=n_samples,
+                                        interpolation=interpolation)
+            else:
+                stage = make_local_stage(small, n_samples=n_samples, interpolation=interpolation)
             fn = _make_epoch(problem, tx, stage, batch_size=int(s["batch_size"]), n_probes=probes, exact=exact)
             if len(cache) > 16:
                 cache.clear()
@@ -490,7 +576,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         history["resolution_angstrom"].append(float(s["resolution_angstrom"]))
         history["r_limit"].append(float(s["r_limit"]))
         history["batch_size"].append(int(s["batch_size"]))
-        history["angular_step_deg"].append(poses.angular_step_deg(s["order"]))
+        history["angular_step_deg"].append(float(s.get("step_deg", poses.angular_step_deg(s["order"]))))
         history["temperature"].append(float(jnp.mean(temps)))
         state = AbInitioState(e + 1, params, opt_state, key, *pose_rows, {k: list(v) for k, v in history.items()})
         if callback is not None:

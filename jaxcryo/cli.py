@@ -849,7 +849,8 @@ def _abinitio(args) -> int:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
         plan = plan_memory(n, box, groups=1, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
-        _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, {args.epochs} epochs from "
+        _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, "
+                   f"{args.epochs} + {args.local_epochs} epochs from "
                    f"{args.start_resolution:g} Å to {args.final_resolution or max(12.0, 2.5 * px):g} Å; memory needed "
                    f"about {plan.describe()}, limit {format_bytes(limit)}")
         if plan.in_memory_bytes > limit:
@@ -864,7 +865,8 @@ def _abinitio(args) -> int:
                     "epochs": args.epochs, "start_resolution": args.start_resolution,
                     "final_resolution": args.final_resolution, "batch_size": args.batch_size,
                     "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
-                    "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift}
+                    "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift,
+                    "local_epochs": args.local_epochs, "cycles": args.cycles}
         template = abinitio_state_template(method=args.method, box=box, n_particles=n)
         saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
         saved_state = _matching_checkpoint(args, ckpt, saved, settings,
@@ -879,7 +881,8 @@ def _abinitio(args) -> int:
         bar.close()
 
     start_epoch = 0 if resume is None else resume.epoch
-    epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="abinitio epochs",
+    total = args.epochs + args.local_epochs + (args.cycles - 1) * (1 + args.local_epochs)
+    epochs_bar = tqdm(total=total, initial=min(start_epoch, total), desc="abinitio epochs",
                       unit="epoch", disable=args.quiet, leave=False)
 
     def on_epoch(state):
@@ -893,7 +896,7 @@ def _abinitio(args) -> int:
                       diameter_angstrom=args.diameter, start_resolution_angstrom=args.start_resolution,
                       final_resolution_angstrom=args.final_resolution, batch_size=args.batch_size,
                       max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
-                      max_shift_px=args.max_shift,
+                      max_shift_px=args.max_shift, local_epochs=args.local_epochs, cycles=args.cycles,
                       callback=on_epoch, classes=args.classes, symmetry=args.symmetry)
     epochs_bar.close()
     del particles
@@ -922,8 +925,8 @@ def _abinitio(args) -> int:
           f"{', '.join(written)} in {folder}")
     print(f"note: the hand of an ab initio map is undetermined (its mirror image fits the particles equally well); "
           f"check it against known chirality (e.g. alpha helices) and rerun with{'out' if args.flip_hand else ''} "
-          f"--flip-hand for the other one. Continue with: jaxcryo refine {args.star} --reference {args.out} "
-          f"--initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f} --out MAP.mrc")
+          f"--flip-hand for the other one. Continue with: jaxcryo refine {star_out} --reference {args.out} "
+          f"--local --initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f} --out MAP.mrc")
     return 0
 
 
@@ -1131,7 +1134,12 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
     ab.add_argument("--classes", type=pos_int, default=1, metavar="K", help="number of classes (1 only for now)")
     ab.add_argument("--flip-hand", action="store_true", help="write the mirror image of the map (and its poses)")
-    ab.add_argument("--epochs", type=pos_int, default=12, metavar="E", help="passes over the particles")
+    ab.add_argument("--epochs", type=pos_int, default=8, metavar="E",
+                    help="passes over the particles with global pose searches")
+    ab.add_argument("--local-epochs", type=_nonneg_int, default=4, metavar="E",
+                    help="then passes with local searches about each particle's best pose (steps halving)")
+    ab.add_argument("--cycles", type=pos_int, default=2, metavar="C",
+                    help="with C > 1: one more global pass, then the local passes again, C - 1 times")
     ab.add_argument("--start-resolution", type=pos_float, default=35.0, metavar="A",
                     help="first frequency limit (Angstrom)")
     ab.add_argument("--final-resolution", type=pos_float, default=None, metavar="A",
@@ -1139,9 +1147,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--batch-size", type=pos_int, default=64, metavar="B", help="first minibatch size")
     ab.add_argument("--max-batch-size", type=pos_int, default=256, metavar="B", help="last minibatch size")
     ab.add_argument("--max-shift", type=pos_float, default=None, metavar="PX",
-                    help="shift search radius in pixels (default: a sixth of the box)")
-    ab.add_argument("--method", choices=[m for m in METHODS if m != "normal"], default="psgd",
-                    help="optimizer of the volume step")
+                    help="shift search radius in pixels (default: a tenth of the box, 3 to box/6 px)")
+    ab.add_argument("--method", choices=[m for m in METHODS if m != "normal"], default="psgd-exact",
+                    help="optimizer of the volume step (psgd-exact: the exact posterior-weighted diagonal "
+                         "preconditioner, best at low SNR in our measurements; psgd: its Hutchinson estimate)")
     ab.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (start, shuffles, pose draws)")
     ab.add_argument("--resume", action="store_true",
                     help="continue from INIT.ckpt.npz; an error if it is missing or was made with other settings")
