@@ -146,8 +146,8 @@ def refine_by_epoch(args):
     reference, _ = read_map(args.reference)
     truth = np.asarray(read_map(args.truth_map)[0], np.float64)
     truth_table, _ = open_particles(args.truth_star, require_poses=True)
-    where = {name.split("@")[0]: i for i, name in enumerate(truth_table.image_names)}
-    order = np.array([where[name.split("@")[0]] for name in table.image_names])
+    where = {int(name.split("@")[0]): i for i, name in enumerate(truth_table.image_names)}
+    order = np.array([where[int(name.split("@")[0])] for name in table.image_names])
     true_rot = np.asarray(jc.geometry.euler_to_matrix(truth_table.euler_deg[order]), np.float64)
     groups = half_sets(n, halves=True, seed=0)
     runs = {}

@@ -65,8 +65,8 @@ def pose_errors(refined_star, truth_star, pixel_size):
     from jaxcryo.geometry import euler_to_matrix
 
     a, t = _star_rows(refined_star), _star_rows(truth_star)
-    where = {str(name).split("@")[0]: i for i, name in enumerate(t["rlnImageName"])}
-    idx = np.array([where[str(name).split("@")[0]] for name in a["rlnImageName"]])
+    where = {int(str(name).split("@")[0]): i for i, name in enumerate(t["rlnImageName"])}
+    idx = np.array([where[int(str(name).split("@")[0])] for name in a["rlnImageName"]])
 
     def mats(rows):
         e = np.stack([np.asarray(rows[c], np.float64) for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")], -1)

@@ -372,7 +372,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
            local: bool = False, epochs: int = 12, min_epochs: int = 3, batch_size: int = 128,
            method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
            global_order: int = 2, global_epochs: int = 2, max_shift_px: float | None = None,
-           shift_step_px: float = 1.0, global_shift_window_px: float = 2.0, local_step_deg: float | None = None, min_step_deg: float = 0.5,
+           shift_step_px: float = 1.0, global_shift_window_px: float = 2.0, local_step_deg: float | None = None,
+           min_step_deg: float = 0.5, step_fraction: float = 0.25,
            min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
            lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
            chunk: int | None = None,
@@ -398,7 +399,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         of each particle's shift (the rotations stay global; 0: the whole grid every time).
       local_step_deg: first local angular step (default half the global step); each later
         epoch halves the angular and shift steps down to ``min_step_deg`` / ``min_shift_step_px``
-        (no finer than the resolution needs: atan(resolution / diameter) / 2).
+        (no finer than the resolution needs: ``step_fraction`` x atan(resolution / diameter)).
       top_k, temperature: poses kept per image and the posterior temperature.
       margin_shells: Fourier shells scored beyond the current half-map resolution.
       method, batch_size, lam, n_probes, interpolation, seed: the volume step, as
@@ -584,7 +585,7 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
         # The next epoch's plan.
         nxt = dict(plan)
         nxt["r_limit"] = float(min(grid.radius, math.ceil(res_shell) + margin_shells))
-        needed = math.degrees(math.atan(res / max(diameter_angstrom, 1e-6))) / 2
+        needed = math.degrees(math.atan(res / max(diameter_angstrom, 1e-6))) * step_fraction
         floor_step = max(min_step_deg, needed)
         if mode == "global":
             nxt["global_left"] = plan["global_left"] - 1
