@@ -127,6 +127,36 @@ def simulate(args, work, env):
     return parts
 
 
+def score_relion_folder(folder, record):
+    """Score a relion_refine output folder: the final run_class001.mrc / run_data.star when
+    there, else the latest iteration's half-maps (their mean) and data.star; the wall time is
+    taken from the files' modification times (iteration 0 to the one scored)."""
+    import glob
+
+    import mrcfile
+
+    its = sorted(glob.glob(os.path.join(folder, "run_it[0-9][0-9][0-9]_data.star")))
+    if not its:
+        raise SystemExit(f"{folder}: no run_itNNN_data.star")
+    t0 = os.path.getmtime(its[0])
+    final_map, final_star = os.path.join(folder, "run_class001.mrc"), os.path.join(folder, "run_data.star")
+    if os.path.exists(final_map) and os.path.exists(final_star):
+        name, map_path, star, t1 = "relion_refine --auto_refine", final_map, final_star, os.path.getmtime(final_star)
+    else:
+        star = its[-1]
+        it = os.path.basename(star)[6:9]
+        halves = [os.path.join(folder, f"run_it{it}_half{h}_class001.mrc") for h in (1, 2)]
+        with mrcfile.open(halves[0], permissive=True) as a, mrcfile.open(halves[1], permissive=True) as b:
+            mean = (np.asarray(a.data, np.float32) + np.asarray(b.data, np.float32)) / 2
+            voxel = float(a.voxel_size.x)
+        map_path = os.path.join(folder, f"mean_it{it}.mrc")
+        with mrcfile.new(map_path, overwrite=True) as out:
+            out.set_data(mean)
+            out.voxel_size = voxel
+        name, t1 = f"relion_refine --auto_refine (unfinished: iteration {int(it)})", os.path.getmtime(star)
+    record(name, t1 - t0, None, None, None, map_path, star, f"scored from {folder}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volume", default="/work/shared/data/emd_1832.map")
@@ -136,7 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--initial-lowpass", type=float, default=40.0)
     ap.add_argument("--diameter", type=float, default=None, help="RELION's --particle_diameter (A; default the box)")
     ap.add_argument("--work", default="/tmp/refine_vs_relion")
-    ap.add_argument("--skip-relion", action="store_true", help="reuse RELION's figures from --out when present")
+    ap.add_argument("--skip-relion", action="store_true", help="do not run RELION (reuse its figures from --out)")
+    ap.add_argument("--relion-from", default=None, metavar="DIR",
+                    help="score an existing (possibly unfinished) relion_refine output folder instead of running "
+                         "it: its final map and data.star, or its latest iteration's")
     ap.add_argument("--jaxcryo-args", default="", help="extra arguments for jaxcryo refine (default: none)")
     ap.add_argument("--tag", default="default", help="name of this jaxcryo run in the JSON")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "refine_vs_relion_cpu.json"))
@@ -174,7 +207,9 @@ def main(argv=None) -> int:
         print(name, {k: v for k, v in run.items() if k != "fsc_to_truth"}, flush=True)
 
     relion = shutil.which("relion_refine_mpi")
-    if relion and not (args.skip_relion and "relion_refine --auto_refine" in result["runs"]):
+    if args.relion_from:
+        score_relion_folder(args.relion_from, record)
+    elif relion and not args.skip_relion:
         out = os.path.join(work, "relion")
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
