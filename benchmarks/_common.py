@@ -26,10 +26,11 @@ def load_average() -> list[float]:
 
 
 def machine() -> dict:
-    """Platform, CPU, core count and JAX's backend and devices."""
+    """Platform, CPU, core count and JAX's backend and devices (``backend`` and ``jax_backend``
+    are the same: the scripts' earlier JSON used either name)."""
     import jax
 
     dev = jax.devices()[0]
     return {"platform": platform.platform(), "processor": cpu_model(), "cpu_count": os.cpu_count(),
             "jax_backend": jax.default_backend(), "device": str(dev.device_kind), "n_devices": jax.device_count(),
-            "jax": jax.__version__}
+            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(), "jax": jax.__version__}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -37,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 import jaxcryo as jc  # noqa: E402
 from jaxcryo.abinitio import abinitio, pose_errors_deg, schedule  # noqa: E402
 from jaxcryo.forward import FourierGrid  # noqa: E402
@@ -54,12 +55,6 @@ SIZES = {
 }
 METHODS = ("psgd", "sgd", "psgd-exact")
 
-
-def machine() -> dict:
-    """Where this ran: platform and JAX devices."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
 
 
 def run(size: str, methods, seeds) -> dict:

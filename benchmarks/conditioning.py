@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -31,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 from jaxcryo.conditioning import (brute_force_hits, conditioning_report, kappa_from_hits,  # noqa: E402
                                   particles_from_table, plot_reports, pose_particles, uniform_particles)
 from jaxcryo.geometry import euler_to_matrix  # noqa: E402
@@ -42,12 +43,6 @@ SIZES = {
     "full": {64: (50000, 32), 128: (50000, 16)},
 }
 
-
-def machine() -> dict:
-    """Where this ran: platform and JAX devices."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
 
 
 def preferred_view_particles(n: int, seed: int = 0, tilt_sigma_deg: float = 20.0):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -49,6 +48,8 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 from jaxcryo.conditioning import relative_error_by_probes  # noqa: E402
 from jaxcryo.curvature import exact_diagonal  # noqa: E402
 from jaxcryo.forward import FourierGrid, prepare_particles  # noqa: E402
@@ -70,12 +71,6 @@ SIZES = {
 METHODS = ("sgd", "psgd", "psgd-exact", "psgd-warmup", "oasis", "adam", "psgd+momentum", "psgd+momentum+decay")
 FSC_LEVELS = (0.8, 0.9, 0.95)
 
-
-def machine() -> dict:
-    """Where this ran: platform and JAX devices."""
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()]}
 
 
 def fourier_resize(volume: np.ndarray, box: int) -> np.ndarray:

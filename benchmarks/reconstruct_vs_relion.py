@@ -26,18 +26,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _common import cpu_model  # noqa: E402
 ROOT = os.path.dirname(HERE)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _run(cmd, cwd=None, env=None) -> tuple[float, str]:
@@ -139,7 +130,7 @@ def main(argv=None) -> int:
                      if a["program"] == name and b["program"] == "relion_reconstruct --ctf"
                      and a["repeat"] == b["repeat"]]
             s["wall_ratio_to_relion_per_repeat"] = [x / y for x, y in pairs]
-    result = {"machine": {"node": platform.node(), "cpu": _cpu_model(), "cpus": os.cpu_count(),
+    result = {"machine": {"node": platform.node(), "cpu": cpu_model(), "cpus": os.cpu_count(),
                           "note": "CPU shared with other jobs: see each run's load average"},
               "data": {"volume": os.path.basename(args.volume), "n_images": args.n_images, "snr": args.snr,
                        "box": int(truth.shape[0]), "pixel_size_angstrom": float(px)},

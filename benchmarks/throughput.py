@@ -14,24 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxcryo as jc
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
+
+import jaxcryo as jc  # noqa: E402
 from jaxcryo.curvature import hvp
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.loss import Problem, loss, value_grad_hvp
 
-
-def machine():
-    dev = jax.devices()[0]
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "device": str(dev.device_kind),
-            "n_devices": jax.device_count(), "jax": jax.__version__}
 
 
 def timeit(fn, *args, repeats):
