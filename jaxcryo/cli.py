@@ -794,8 +794,8 @@ def _refine(args) -> int:
     history = {k: rec.history[k] for k in keys}
     history.update(compile_seconds=rec.history.get("compile_seconds"), pixel_size_angstrom=px,
                    settings={k: v for k, v in settings.items() if not k.endswith("sha1")},
-                   fsc=_fsc_table(rec.fsc, px), resolution_angstrom=rec.resolution_angstrom,
-                   resolution_fsc_0_5_angstrom=resolution(rec.fsc, px, 0.5))
+                   fsc=_fsc_table(rec.fsc, px), final_resolution_angstrom=rec.resolution_angstrom,
+                   final_resolution_fsc_0_5_angstrom=resolution(rec.fsc, px, 0.5))
     _write_json(os.path.join(folder, "history.json"), history)
     written.append("history.json")
     if args.keep_checkpoint:

@@ -390,9 +390,9 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       diameter_angstrom: soft spherical solvent mask diameter (default: the box less 6 px);
         ``mask`` (real (box,)*3, values 0..1) replaces it.
       local: start from the particles' rotations (local searches only, no global search).
-      epochs: at most this many epochs; the run stops earlier (after ``min_epochs``) when the
-        sampling is at its finest and neither the resolution nor the poses changed (resolution
-        gained under 1% and mean pose change under a quarter of the angular step).
+      epochs: at most this many epochs; the run stops earlier (after ``min_epochs``), as
+        RELION's auto-refine does, when the sampling is at its finest, the resolution no longer
+        improves and the poses have settled (:func:`stop_rule`).
       global_order, global_epochs: SO(3) grid (:func:`jaxcryo.poses.so3_grid`) and epochs of the
         global search; max_shift_px (default min(5, box/8) px, RELION: 5), shift_step_px: its shift grid.
       global_shift_window_px: global epochs after the first search the shifts within this radius
@@ -596,10 +596,8 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
                 nxt["step_deg"] = plan["step_deg"] / 2
             if plan["shift_step_px"] / 2 >= min_shift_step_px:
                 nxt["shift_step_px"] = plan["shift_step_px"] / 2
-        prev_res = history["resolution_angstrom"][-2] if len(history["resolution_angstrom"]) > 1 else float("inf")
-        settled = (mode == "local" and not finer and res > 0.99 * prev_res
-                   and mean_change < 0.25 * plan["step_deg"] and epoch >= min_epochs)
-        nxt["stop"] = bool(settled)
+        nxt.update(stop_rule(plan, resolution_angstrom=float(res), mean_change_deg=mean_change,
+                             settled_sampling=mode == "local" and not finer, may_stop=epoch >= min_epochs))
         history["next"].append(nxt)
         state = RefineState(ReconState(epoch, params, opt_state, keys, history), pose_state)
         if callback is not None:
@@ -615,6 +613,27 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     else:
         recon = finish(state.recon, interpolation, pixel_size_angstrom)
     return Refinement(recon, rot, shift, prob, half, state)
+
+
+def stop_rule(plan: dict, *, resolution_angstrom: float, mean_change_deg: float, settled_sampling: bool,
+              may_stop: bool = True) -> dict:
+    """Refine's convergence test, after RELION's auto-refine: stop at the finest sampling once an
+    epoch did not improve the best half-map resolution so far (by 1%) and the poses have
+    settled: their mean change is under a quarter of the angular step, or no longer falling
+    (not 10% under the smallest mean change so far at this sampling).
+
+    Args:
+      plan: this epoch's plan (its ``step_deg``; ``best_res`` and ``best_change``: None before any).
+      settled_sampling: this epoch was local and the next one samples no finer.
+    Returns:
+      ``best_res``, ``best_change`` and ``stop`` for the next epoch's plan.
+    """
+    best_res = plan.get("best_res") or math.inf  # None: nothing yet (JSON has no infinity)
+    best_change = plan.get("best_change") or math.inf
+    settled = mean_change_deg < 0.25 * plan["step_deg"] or mean_change_deg >= 0.9 * best_change
+    return {"best_res": min(best_res, resolution_angstrom),
+            "best_change": min(best_change, mean_change_deg) if settled_sampling else None,
+            "stop": bool(settled_sampling and may_stop and settled and resolution_angstrom >= 0.99 * best_res)}
 
 
 def _final_reconstruction(particles: Particles, rotations, shifts_px, recon: ReconState, mask, *, box: int,

@@ -160,8 +160,40 @@ def test_refine_from_a_40A_lowpass_reaches_known_pose_quality(simulated):
     assert f_ref > f_known - 0.05, (f_ref, f_known)
     assert set(np.unique(out.half_set)) == {1, 2}
     # It stopped by itself (before the cap of 10 epochs) once the poses settled at the finest step.
-    assert len(h["epoch"]) < 10 and h["mean_pose_change_deg"][-1] < 0.25 * final_step, h
+    assert len(h["epoch"]) < 10 and h["angular_step_deg"][-1] == h["angular_step_deg"][-2], h
+    assert h["next"][-1]["stop"], h["next"][-1]
     assert h["mode"][:2] == ["global", "global"] and h["mode"][-1] == "local"
+
+
+def test_stop_rule_stops_when_resolution_and_poses_settle():
+    """The per-epoch figures of a box-64 run (RELION-simulated, SNR 0.1): local steps 7.5 ->
+    0.94 deg, then 0.94 deg until the cap. The rule stops after epoch 8, the first epoch at the
+    finest step that improved neither the resolution nor the pose changes."""
+    from jaxcryo.refine import stop_rule
+
+    steps = [7.5, 3.75, 1.875, 0.9375, 0.9375, 0.9375, 0.9375]  # epochs 3..9
+    res = [19.2, 16.8, 16.1, 16.4, 16.3, 16.4, 16.3]
+    change = [7.67, 4.00, 1.97, 0.987, 0.443, 0.457, 0.381]
+    plan, stopped = {"best_res": 20.6, "best_change": None}, None
+    for epoch, (a, r, c) in enumerate(zip(steps, res, change), start=3):
+        settled_sampling = a == steps[-1]
+        plan = {**plan, "step_deg": a}
+        plan.update(stop_rule(plan, resolution_angstrom=r, mean_change_deg=c, settled_sampling=settled_sampling))
+        if plan["stop"]:
+            stopped = epoch
+            break
+    assert stopped == 8
+    base = {"best_res": 16.1, "best_change": 0.443, "step_deg": 0.9375}
+    # Still improving: a resolution gain of over 1%, or pose changes 10% under the best so far
+    # and over a quarter of the step; or the sampling is not final yet; or too early.
+    assert not stop_rule(base, resolution_angstrom=15.8, mean_change_deg=0.5, settled_sampling=True)["stop"]
+    assert not stop_rule(base, resolution_angstrom=16.2, mean_change_deg=0.39, settled_sampling=True)["stop"]
+    assert not stop_rule(base, resolution_angstrom=16.2, mean_change_deg=0.41, settled_sampling=False)["stop"]
+    assert not stop_rule(base, resolution_angstrom=16.2, mean_change_deg=0.41, settled_sampling=True,
+                         may_stop=False)["stop"]
+    # Settled: pose changes no longer falling, or under a quarter of the step.
+    assert stop_rule(base, resolution_angstrom=16.2, mean_change_deg=0.41, settled_sampling=True)["stop"]
+    assert stop_rule(base, resolution_angstrom=16.2, mean_change_deg=0.2, settled_sampling=True)["stop"]
 
 
 def test_resume_gives_the_same_map(simulated):
@@ -204,6 +236,7 @@ def test_cli_refine_writes_a_star_that_relion_reads(tmp_path):
     import json
     history = json.loads((out.parent / "history.json").read_text())
     assert len(history["epoch"]) == 3 and len(history["mean_pose_change_deg"]) == 3
+    assert len(history["resolution_angstrom"]) == 3 and history["final_resolution_angstrom"] >= 2 * PX
     table = read_particles(str(out.parent / "map_particles.star"))
     assert len(table) == 160
     import starfile
