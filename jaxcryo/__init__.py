@@ -3,6 +3,7 @@
 The public API, by layer (imports flow one way):
 geometry -> forward -> loss -> curvature -> optim -> reconstruct; io and cli sit outside.
 """
+from jaxcryo.config import Config
 from jaxcryo.curvature import (condition_by_radius, exact_diagonal, hutchinson_diagonal, hvp,
                                power_iteration, radial_profile, rademacher, shell_spread)
 from jaxcryo.forward import (CTFParams, FourierGrid, Particles, backproject, ft_to_images, ft_to_volume,
@@ -31,4 +32,4 @@ __all__ = [
     "Reconstruction", "make_optimizer", "reconstruct", "simulate_particles", "synthetic_molecule",
     "symmetry_matrices",
 ]
-__all__ += ["estimate_noise", "shell_weights_from_sigma2"]
+__all__ += ["estimate_noise", "shell_weights_from_sigma2", "Config"]

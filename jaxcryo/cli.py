@@ -597,12 +597,11 @@ def _reconstruct(args) -> int:
             if my_stack is not stack:
                 my_stack.close()
             epochs_bar.set_postfix_str("compiling")
-            rec = jc.reconstruct(particles, box=box, pixel_size_angstrom=px, method=args.method,
-                                 interpolation=args.interpolation, epochs=args.epochs, batch_size=args.batch_size,
-                                 lam=args.lam, halves=halves, seed=args.seed, resume=resume, callback=on_epoch,
-                                 devices=None if multi else args.devices, mesh=mesh, share=share,
-                                 wiener_after=args.wiener_after, symmetry=args.symmetry,
-                                 noise_model=args.noise_model)
+            config = jc.Config(method=args.method, interpolation=args.interpolation, epochs=args.epochs,
+                               batch_size=args.batch_size, lam=args.lam, halves=halves, seed=args.seed,
+                               wiener_after=args.wiener_after, symmetry=args.symmetry, noise_model=args.noise_model)
+            rec = jc.reconstruct(particles, config, box=box, pixel_size_angstrom=px, resume=resume,
+                                 callback=on_epoch, devices=None if multi else args.devices, mesh=mesh, share=share)
             del particles
         epochs_bar.close()
 
@@ -768,12 +767,12 @@ def _refine(args) -> int:
         epochs_bar.set_postfix(res=f"{h['resolution_angstrom'][-1]:.2f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
                                change=f"{h['mean_pose_change_deg'][-1]:.2f}deg")
 
-    result = jc.refine(particles, reference, box=box, pixel_size_angstrom=px,
-                       initial_lowpass_angstrom=args.initial_lowpass, diameter_angstrom=args.diameter, mask=mask,
+    config = jc.Config(initial_lowpass_angstrom=args.initial_lowpass, diameter_angstrom=args.diameter,
                        local=args.local, epochs=args.epochs, batch_size=args.batch_size, method=args.method,
                        interpolation=args.interpolation, global_order=args.global_order, top_k=args.top_k,
-                       temperature=args.temperature, seed=args.seed, resume=resume, callback=on_epoch,
-                       symmetry=args.symmetry)
+                       temperature=args.temperature, seed=args.seed, symmetry=args.symmetry)
+    result = jc.refine(particles, reference, config, box=box, pixel_size_angstrom=px, mask=mask, resume=resume,
+                       callback=on_epoch)
     epochs_bar.close()
     del particles
     rec = result.reconstruction

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from jaxcryo import distributed as dist
+from jaxcryo.config import Config, resolve
 from jaxcryo.curvature import exact_diagonal, rademacher, radial_profile, symmetrize_diagonal
 from jaxcryo.forward.model import Particles, ft_to_volume
 from jaxcryo.forward.slicing import FourierGrid
@@ -409,18 +410,11 @@ class BlockLayout:
         return self._cut(np.stack([rng.permutation(m) for _ in range(g)]))
 
 
-def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size_angstrom: float,
-                method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
-                epochs: int = 10, batch_size: int = 128, lam: float = 1e-4, r_max: int | None = None,
-                halves: bool = True, seed: int = 0, n_probes: int = 1, beta: float = 0.9,
-                alpha: float | None = None, learning_rate: float | None = None,
-                initial_step: float = 10.0, c: float = 0.9, average: bool = True, warmup: int = 8,
-                init_samples: int = 16, wiener_after: int = 0, noise_model: str = "estimate",
-                noise_after: int = 1, noise_tol: float = 0.1, shell_lam=None, init_volume_ft=None,
-                resume: ReconState | None = None,
-                callback: Callable[[ReconState], Any] | None = None,
-                devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
-                symmetry: str = "C1", progress: Callable[[int], Any] | None = None) -> Reconstruction:
+def reconstruct(particles: "Particles | ParticleBlocks", config: Config | None = None, *, box: int,
+                pixel_size_angstrom: float, shell_lam=None, init_volume_ft=None, resume: ReconState | None = None,
+                callback: Callable[[ReconState], Any] | None = None, devices: int | None = None, mesh=None,
+                share: "dist.HostShare | None" = None, progress: Callable[[int], Any] | None = None,
+                **settings) -> Reconstruction:
     """Reconstruct a map from particles with known poses.
 
     Args:
@@ -431,6 +425,9 @@ def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size
         mean of the iterates carried across blocks; the exact diagonal, noise estimate, Wiener
         prior and loss are sums over the blocks. Each half-set is cut into equal blocks whose
         rows are reshuffled every epoch; with one block the result is the in-memory one.
+      config: the run's settings, a frozen :class:`jaxcryo.Config` (default ``Config()``); any
+        keyword ``settings`` beside it override its fields (``epochs=3``, ``method="sgd"``, ...).
+        The fields reconstruct reads are these:
       box, pixel_size_angstrom: the map's edge (pixels) and voxel size.
       method: 'psgd' (default; Hutchinson-preconditioned SGD, Algorithm 1), 'normal' (the
         normal equations accumulated in one pass and solved by CG: :func:`reconstruct_normal`,
@@ -488,6 +485,14 @@ def reconstruct(particles: "Particles | ParticleBlocks", *, box: int, pixel_size
         then costs about G times as much; ValueError for an unknown symbol.
       progress: called with the number of images swept after each block of an epoch.
     """
+    cfg = resolve(config, settings)
+    (method, interpolation, batch_size, lam, r_max, halves, seed, n_probes, beta, alpha, learning_rate,
+     initial_step, c, average, warmup, init_samples, wiener_after, noise_model, noise_after, noise_tol,
+     symmetry) = (getattr(cfg, k) for k in (
+        "method", "interpolation", "batch_size", "lam", "r_max", "halves", "seed", "n_probes", "beta", "alpha",
+        "learning_rate", "initial_step", "c", "average", "warmup", "init_samples", "wiener_after", "noise_model",
+        "noise_after", "noise_tol", "symmetry"))
+    epochs = cfg.epochs_or(10)
     if noise_model not in NOISE_MODELS:
         raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
     if isinstance(method, str) and method == "normal":

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from jaxcryo import distributed as dist, poses
+from jaxcryo.config import Config, resolve
 from jaxcryo.curvature import exact_diagonal
 from jaxcryo.forward.ctf import conj_multiply, shift_phase
 from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, volume_to_ft
@@ -367,21 +368,17 @@ def _best_pose_particles(stacked: Particles, pose_state: PoseState, grid: Fourie
     return stacked._replace(data=data, rotations=pose_state.rotations.astype(stacked.data.dtype))
 
 
-def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: float,
-           initial_lowpass_angstrom: float = 40.0, diameter_angstrom: float | None = None, mask=None,
-           local: bool = False, epochs: int = 12, min_epochs: int = 3, batch_size: int = 128,
-           method: str | optax.GradientTransformation = "psgd", interpolation: str = "trilinear",
-           global_order: int = 2, global_epochs: int = 2, max_shift_px: float | None = None,
-           shift_step_px: float = 1.0, global_shift_window_px: float = 2.0, local_step_deg: float | None = None,
-           min_step_deg: float = 0.5, step_fraction: float = 0.25,
-           min_shift_step_px: float = 0.25, top_k: int = 4, temperature: float = 1.0, margin_shells: int = 3,
-           lam: float = 1e-4, scale_reference: bool = True, seed: int = 0, n_probes: int = 1,
-           chunk: int | None = None,
-           resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
-           symmetry: str = "C1", devices: int | None = None, mesh=None, final_solve: bool = True) -> Refinement:
+def refine(particles: Particles, reference, config: Config | None = None, *, box: int, pixel_size_angstrom: float,
+           mask=None, resume: RefineState | None = None, callback: Callable[[RefineState], Any] | None = None,
+           devices: int | None = None, mesh=None, **settings) -> Refinement:
     """Gold-standard refinement of a map and the particles' poses.
 
     Args:
+      config: the run's settings, a frozen :class:`jaxcryo.Config` (default ``Config()``); any
+        keyword ``settings`` beside it override its fields. The pose-search fields are refine's
+        own (below); of the volume-step fields it reads method, interpolation, batch_size, lam,
+        seed, symmetry and the optimizer's (n_probes, beta, alpha, learning_rate, initial_step,
+        c, warmup), as :func:`jaxcryo.reconstruct.reconstruct` does.
       particles: :class:`Particles` whose ``data`` have any prior shift already undone (zeros
         for a global search) and whose ``rotations`` are the priors used with ``local``.
       reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
@@ -420,6 +417,18 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
       the best poses), ``seconds``, ``resolution_angstrom``, ``angular_step_deg``,
       ``shift_step_px``, ``r_limit``, ``mean_pose_change_deg``, ``mode``.
     """
+    cfg = resolve(config, settings)
+    if not cfg.halves:
+        raise ValueError("refine is gold-standard: it always refines two half-sets (Config.halves must be True)")
+    (initial_lowpass_angstrom, diameter_angstrom, local, min_epochs, batch_size, method, interpolation,
+     global_order, global_epochs, max_shift_px, shift_step_px, global_shift_window_px, local_step_deg, min_step_deg,
+     step_fraction, min_shift_step_px, top_k, temperature, margin_shells, lam, scale_reference, seed, n_probes,
+     chunk, symmetry, final_solve) = (getattr(cfg, k) for k in (
+        "initial_lowpass_angstrom", "diameter_angstrom", "local", "min_epochs", "batch_size", "method",
+        "interpolation", "global_order", "global_epochs", "max_shift_px", "shift_step_px", "global_shift_window_px",
+        "local_step_deg", "min_step_deg", "step_fraction", "min_shift_step_px", "top_k", "temperature",
+        "margin_shells", "lam", "scale_reference", "seed", "n_probes", "chunk", "symmetry", "final_solve"))
+    epochs = cfg.epochs_or(12)
     sym = {}
     if str(symmetry).upper() != "C1":
         if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
@@ -444,8 +453,9 @@ def refine(particles: Particles, reference, *, box: int, pixel_size_angstrom: fl
     batch_size = int(min(batch_size, m))
     steps_per_epoch = -(-m // batch_size)
     if isinstance(method, str):
-        tx = make_optimizer(method, box=box, r_max=grid.radius, warmup=int(min(8, steps_per_epoch // 4)),
-                            n_probes=n_probes, seed=seed)
+        tx = make_optimizer(method, box=box, r_max=grid.radius, beta=cfg.beta, alpha=cfg.alpha, n_probes=n_probes,
+                            initial_step=cfg.initial_step, c=cfg.c, learning_rate=cfg.learning_rate,
+                            warmup=int(min(cfg.warmup, steps_per_epoch // 4)), seed=seed)
         exact, probes = method == "psgd-exact", (n_probes if method == "psgd" else 0)
     else:
         tx, exact, probes = optax.with_extra_args_support(method), False, n_probes

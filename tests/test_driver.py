@@ -170,3 +170,27 @@ def test_step_scratch_estimate_bounds_xla_memory_analysis():
     # which the plan counts among its volumes
     estimate = step_scratch_bytes(box, batch_size=batch) + plan_memory(1, box).volumes_bytes
     assert temp < estimate < 3 * temp, (temp, estimate)
+
+
+def test_one_frozen_config_holds_the_settings(star, in_memory):
+    """A jaxcryo.Config gives the same run as the same settings as keywords; keywords beside a
+    config override its fields; it is frozen; an unknown name is an error before any work."""
+    import dataclasses
+
+    table, stack = open_particles(star)
+    with stack:
+        particles = load_particles(table, stack, FourierGrid(BOX))
+    cfg = jc.Config(epochs=2, batch_size=32, wiener_after=1, seed=0)
+    rec = jc.reconstruct(particles, cfg, box=BOX, pixel_size_angstrom=PX)
+    np.testing.assert_array_equal(rec.volume, in_memory.volume)
+    assert rec.history["epoch"] == [1, 2]
+    one = jc.reconstruct(particles, cfg, box=BOX, pixel_size_angstrom=PX, epochs=1)  # override
+    assert one.history["epoch"] == [1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 3
+    with pytest.raises(TypeError, match="epoch"):
+        jc.reconstruct(particles, cfg, box=BOX, pixel_size_angstrom=PX, epoch=3)
+    with pytest.raises(ValueError, match="gold-standard"):
+        jc.refine(particles, np.zeros((BOX,) * 3, np.float32), cfg.replace(halves=False), box=BOX,
+                  pixel_size_angstrom=PX)
+    assert cfg.as_dict()["batch_size"] == 32 and jc.Config(method=jc.make_optimizer("sgd", box=BOX)).as_dict()
