@@ -752,7 +752,8 @@ def _refine(args) -> int:
         grid = FourierGrid(box)
         source = table if args.local else dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
         bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
-        particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update)
+        particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update,
+                                   optics_groups=np.unique(table.optics_group))  # a noise model per group
         bar.close()
 
     start_epoch = 0 if resume is None else resume.recon.epoch

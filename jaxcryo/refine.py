@@ -38,7 +38,8 @@ from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, vo
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import spherical_mask
-from jaxcryo.loss import Problem, data_loss_sum, forward, subset, sum_over_batches
+from jaxcryo.loss import Problem, data_loss_sum, subset
+from jaxcryo.noise import pixel_shells, residual_power
 from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
                                  group_functions, make_optimizer, reconstruct_normal, wiener_shell_lam)
 
@@ -106,8 +107,9 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
 
     pose_stage(params, batch, rows, key, args) -> (expanded batch of B*K rows, new rows), with
     ``rows`` a :class:`PoseState` of the batch and ``args`` a dict of dynamic settings:
-    ``pixel_weights`` ((P,) multiplicity over the noise variance of each pixel, zero beyond the
-    frequency limit) and, for local searches, ``step_deg`` and ``shift_step_px``.
+    ``pixel_weights`` ((G, P): per noise group, the multiplicity over the noise variance of each
+    pixel, zero beyond the frequency limit; each image is scored with its ``noise_group``'s
+    row; or (P,) for all) and, for local searches, ``step_deg`` and ``shift_step_px``.
     """
     k = search.top_k
     if search.mode == "global":
@@ -121,7 +123,10 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
         dtype = batch.data.dtype
         b = batch.data.shape[0]
         c = ctf_batch(batch.ctf, grid, b, dtype)
-        kw = dict(pixel_weights=args["pixel_weights"], r_limit=search.r_limit,
+        weights = args["pixel_weights"]  # (noise groups, P): each image gets its own group's row
+        if weights.ndim == 2:
+            weights = weights[0] if weights.shape[0] == 1 else weights[batch.noise_group]
+        kw = dict(pixel_weights=weights, r_limit=search.r_limit,
                   interpolation=search.interpolation, chunk=search.chunk)
         if search.mode == "global":
             data = _shifted(batch.data, rows.shifts_px.astype(dtype)[:, None], grid)[:, 0] if window else batch.data
@@ -271,42 +276,39 @@ def _apply_mask(params, mask, interpolation):
 # ----------------------------------------------------------------------------- noise and scale
 
 
-def _pixel_shells(grid: FourierGrid) -> np.ndarray:
-    return np.rint(np.linalg.norm(grid.freqs, axis=-1)).astype(np.int64)
+def _n_noise_groups(particles: Particles) -> int:
+    group = particles.noise_group
+    return 1 if group is None else int(np.max(np.asarray(group), initial=0)) + 1
 
 
-def _shell_power(params, particles: Particles, problem: Problem, batch_size: int):
-    """Sum over particles (weighted) and pixels of each shell of |y - c A v|^2 (|y|^2 for
-    params None), (r_max + 1,)."""
-    grid = problem.grid
-    shells = jnp.asarray(_pixel_shells(grid))
-    n_shells = grid.radius + 1
-
-    def one(b):
-        r = b.data if params is None else b.data - forward(params, b, problem)
-        power = jnp.sum(r * r, -1) * b.weight[:, None]  # (B, P)
-        return jnp.zeros(n_shells, r.dtype).at[shells].add(jnp.sum(power, 0))
-
-    return sum_over_batches(one, particles, batch_size, jnp.zeros(n_shells, particles.data.dtype))
-
-
-def _shell_counts(grid: FourierGrid, n_particles: float):
-    return np.maximum(np.bincount(_pixel_shells(grid), minlength=grid.radius + 1) * n_particles, 1e-12)
+def _sigma2(power, pixels) -> np.ndarray:
+    """sigma^2 (G, S) from residual sums (G, S) (see :func:`jaxcryo.noise.residual_power`); a
+    group without images takes the pooled spectrum of the others."""
+    power, pixels = np.asarray(power, np.float64), np.asarray(pixels, np.float64)
+    pooled = power.sum(0) / np.maximum(pixels.sum(0), 1e-30)
+    return np.where(pixels > 0, power / np.maximum(pixels, 1e-30), pooled[None])
 
 
 def noise_spectrum(params, particles: Particles, problem: Problem, batch_size: int = 256):
-    """Mean power per pixel, E|noise|^2, in each shell (r_max + 1,): of the residuals at the
-    particles' poses, or with ``params`` None of the images themselves (an upper bound on the
-    noise, used before a map fits them)."""
-    total = jax.jit(_shell_power, static_argnums=(2, 3))(params, particles, problem, batch_size)
-    return np.asarray(total, np.float64) / _shell_counts(problem.grid, float(np.sum(np.asarray(particles.weight))))
+    """sigma^2 = E|noise|^2 of a Fourier pixel, per noise group (``particles.noise_group``, e.g.
+    the optics group) and shell, (G, r_max + 1): the mean residual power at the particles'
+    poses (:func:`jaxcryo.noise.residual_power`, the estimate reconstruct uses), or with
+    ``params`` None of the images themselves (an upper bound on the noise, used before a map
+    fits them)."""
+    grid = problem.grid
+    if params is None:
+        params = jnp.zeros(grid.volume_shape + (2,), particles.data.dtype)
+    fn = jax.jit(lambda v, p: residual_power(v, p, problem, n_groups=_n_noise_groups(particles),
+                                             batch_size=batch_size))
+    return _sigma2(*fn(params, particles))
 
 
 def _pixel_weights(sigma2, grid: FourierGrid, dtype):
-    """multiplicity / sigma^2 per pixel (sigma^2 = E|noise|^2 of a pixel): the log-likelihood
-    -sum w |y - cPv|^2 / 2 is then the real-space Gaussian one (see :mod:`jaxcryo.poses`)."""
-    s = np.maximum(np.asarray(sigma2, np.float64), 1e-30)
-    w = grid.multiplicity / s[np.minimum(_pixel_shells(grid), len(s) - 1)]
+    """multiplicity / sigma^2 per noise group and pixel, (G, P) (sigma^2 (G, S) or (S,): E|noise|^2
+    of a pixel): the log-likelihood -sum w |y - cPv|^2 / 2 is then the real-space Gaussian
+    one (see :mod:`jaxcryo.poses`)."""
+    s = np.maximum(np.array(sigma2, np.float64, ndmin=2), 1e-30)
+    w = grid.multiplicity[None] / s[:, np.minimum(pixel_shells(grid), s.shape[1] - 1)]
     return jnp.asarray(w, dtype)
 
 
@@ -321,7 +323,7 @@ def _reference_scale(init_ft, particles: Particles, grid: FourierGrid, interpola
 
     n = particles.data.shape[0]
     sample = subset(particles, jnp.arange(min(n, n_sample)))
-    shells = _pixel_shells(grid)
+    shells = pixel_shells(grid)
     y2 = np.asarray(jnp.sum(sample.data ** 2, -1))  # (B, P)
     floor = float(y2[:, shells > 0.66 * grid.radius].mean()) if np.any(shells > 0.66 * grid.radius) else 0.0
     rot = random_rotations(jax.random.PRNGKey(seed + 7), sample.data.shape[0], sample.data.dtype)
@@ -445,6 +447,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     n = particles.weight.shape[0]
+    n_noise = _n_noise_groups(particles)
     groups = _split_halves(split_key, n, True)
     stacked = _stack_groups(particles, groups)
     mesh = dist.mesh_for(devices, mesh)  # None on one device
@@ -520,9 +523,10 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         """At each half-set's best poses: exact data diagonal, residual power per shell, data loss."""
         best = _best_pose_particles(stacked, pose_state, grid)
         diag = jax.vmap(lambda p: exact_diagonal(p, diag_problem, batch_size, dtype))(best)
-        power = jax.vmap(lambda v, p: _shell_power(v, p, data_problem, batch_size))(params, best)
+        power, pixels = jax.vmap(lambda v, p: residual_power(v, p, data_problem, n_groups=n_noise,
+                                                            batch_size=batch_size))(params, best)
         total, weight = jax.vmap(lambda v, p: data_loss_sum(v, p, data_problem, batch_size))(params, best)
-        return diag, power, total / jnp.maximum(weight, 1e-12)
+        return diag, (power.sum(0), pixels.sum(0)), total / jnp.maximum(weight, 1e-12)
 
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     history.setdefault("compile_seconds", 0.0)
@@ -575,7 +579,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
                                                    axis=tuple(range(1, params.ndim)))))
         shell_lam = wiener_shell_lam(curve, np.asarray(data_diag), box, r_max=grid.radius)
         problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
-        sig = np.asarray(power).sum(0) / _shell_counts(grid, float(np.sum(groups >= 0)))
+        sig = _sigma2(*power)
         elapsed += time.perf_counter() - t0
 
         res_shell = box * pixel_size_angstrom / res

@@ -94,6 +94,43 @@ def test_pose_stage_finds_grid_poses_and_expands_the_batch(simulated):
     np.testing.assert_allclose(best, np.asarray(model), atol=2e-3 * float(np.abs(model).max()))
 
 
+def test_pose_stage_scores_each_image_with_its_noise_groups_weights(simulated):
+    """The noise model feeds the pose search: with weights per noise group (G, P), each image is
+    scored with its own group's row (the same posteriors as scoring it alone with that row), and
+    refine's noise spectrum is estimated per group (two groups of noise at sigma 1 and 2)."""
+    from jaxcryo.refine import noise_spectrum
+
+    truth, sim = simulated
+    grid = FourierGrid(BOX)
+    vft = jc.volume_to_ft(jnp.asarray(truth), "trilinear")
+    parts = _unposed(type(sim)(sim.images[:4], None, None, None, jax.tree.map(lambda x: x[:4], sim.ctf), 0.0), grid)
+    parts = parts._replace(noise_group=jnp.asarray([0, 1, 0, 1], jnp.int32))
+    base = np.asarray(grid.multiplicity, np.float32) * 0.05
+    weights = jnp.asarray(np.stack([base, 8 * base]))
+    stage = make_pose_stage(PoseSearch(order=0, max_shift_px=1.0, top_k=3), grid)
+    rows = PoseState(parts.rotations, jnp.zeros((4, 2)), jnp.zeros(4))
+    both, new = stage(vft, parts, rows, None, {"pixel_weights": weights})
+    for g in (0, 1):
+        idx = np.flatnonzero(np.asarray(parts.noise_group) == g)
+        one = jax.tree.map(lambda x: x[idx], parts)
+        alone, new_alone = stage(vft, one, jax.tree.map(lambda x: x[idx], rows), None,
+                                 {"pixel_weights": weights[g]})
+        np.testing.assert_allclose(np.asarray(new.max_prob)[idx], np.asarray(new_alone.max_prob), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(both.weight).reshape(4, 3)[idx],
+                                   np.asarray(alone.weight).reshape(-1, 3), rtol=1e-4, atol=1e-6)
+    # The sharper group's posteriors are more peaked (the weights really differ per image).
+    assert np.asarray(new.max_prob)[1::2].mean() > np.asarray(new.max_prob)[0::2].mean()
+
+    rng = np.random.default_rng(3)
+    noise = rng.normal(size=(40, grid.n_pixels, 2)).astype(np.float32) * np.where(np.arange(40) % 2, 2.0, 1.0)[:, None, None]
+    pure = parts._replace(data=jnp.asarray(noise), weight=jnp.ones(40), noise_group=jnp.asarray(np.arange(40) % 2),
+                          rotations=jnp.broadcast_to(jnp.eye(3), (40, 3, 3)),
+                          ctf=jax.tree.map(lambda x: jnp.repeat(x[:1], 40, axis=0), parts.ctf))
+    sigma2 = noise_spectrum(None, pure, jc.Problem(grid=grid))
+    assert sigma2.shape == (2, grid.radius + 1)
+    np.testing.assert_allclose(sigma2[1, 1:] / sigma2[0, 1:], 4.0, rtol=0.35)
+
+
 def test_global_search_with_a_shift_window_around_the_current_shift(simulated):
     """Global rotations x shifts within 1 px of each particle's current shift: true shifts up to
     2.8 px away from zero are found from a current shift 1 px off, though the window's grid
