@@ -302,6 +302,30 @@ def _shifted(data, shifts_px, grid: FourierGrid):
     return conj_multiply(ramps, data[:, None])
 
 
+def _draw_and_expand(batch: Particles, scores, pose_of, key, args, n_samples: int, grid: FourierGrid):
+    """The end of both pose stages: from each image's scores (B, ...) over its candidates, the
+    adaptive temperature, ``n_samples`` poses drawn from the tempered posterior, and the batch
+    expanded to those B * n_samples rows (images shifted back, weights split evenly).
+    ``pose_of(index (B, K))`` -> rotations (B, K, 3, 3) and shifts (B, K, 2) of flat candidate
+    indices. Returns (expanded batch, (best rotations, best shifts, max_prob), temperature)."""
+    dtype = batch.data.dtype
+    b = batch.data.shape[0]
+    flat = scores.reshape(b, -1)
+    t = jnp.maximum(adaptive_temperature(flat, batch.weight, args["target_fraction"]), 1.0)
+    logits = flat / t
+    draws = jax.random.categorical(key, logits, axis=-1, shape=(n_samples, b)).T  # (B, K)
+    best = jnp.argmax(logits, axis=-1)
+    max_prob = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
+    rot, shift = pose_of(draws)
+    data = _shifted(batch.data, shift, grid)
+    ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_samples, 0), batch.ctf)
+    expanded = Particles(data=data.reshape((b * n_samples,) + data.shape[2:]),
+                         rotations=rot.reshape(b * n_samples, 3, 3), ctf=ctf,
+                         weight=jnp.repeat(batch.weight / n_samples, n_samples))
+    best_rot, best_shift = pose_of(best[:, None])
+    return expanded, (best_rot[:, 0], best_shift[:, 0], max_prob.astype(dtype)), t
+
+
 def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift_step_px: float, n_samples: int,
                     interpolation: str, chunk: int = 2048):
     """The ab initio pose stage, with the refine driver's slot signature:
@@ -321,23 +345,9 @@ def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift
         c = ctf_batch(batch.ctf, grid, b, dtype)
         scores = poses.score_poses(params, batch.data, c, grid_rot.astype(dtype), grid_shift.astype(dtype), grid,
                                    pixel_weights=args["pixel_weights"], interpolation=interpolation, chunk=chunk)
-        flat = scores.reshape(b, -1)
-        t = jnp.maximum(adaptive_temperature(flat, batch.weight, args["target_fraction"]), 1.0)
-        logits = flat / t
-        draws = jax.random.categorical(key, logits, axis=-1, shape=(n_samples, b)).T  # (B, K)
-        best = jnp.argmax(logits, axis=-1)
-        max_prob = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
-        rot = grid_rot.astype(dtype)[draws // n_shift]  # (B, K, 3, 3)
-        shift = grid_shift.astype(dtype)[draws % n_shift]  # (B, K, 2)
-        data = _shifted(batch.data, shift, grid)
-        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_samples, 0),
-                                                          batch.ctf)
-        expanded = Particles(data=data.reshape((b * n_samples,) + data.shape[2:]),
-                             rotations=rot.reshape(b * n_samples, 3, 3), ctf=ctf,
-                             weight=jnp.repeat(batch.weight / n_samples, n_samples))
-        new_rows = (grid_rot.astype(dtype)[best // n_shift], grid_shift.astype(dtype)[best % n_shift],
-                    max_prob.astype(dtype))
-        return expanded, new_rows, t
+        rot, shift = grid_rot.astype(dtype), grid_shift.astype(dtype)
+        return _draw_and_expand(batch, scores, lambda i: (rot[i // n_shift], shift[i % n_shift]), key, args,
+                                n_samples, grid)
 
     return stage
 
@@ -363,23 +373,10 @@ def make_local_stage(grid: FourierGrid, *, local_n: int = 1, shift_n: int = 1, n
         n_shift = cand_shift.shape[1]
         scores = poses.score_local(params, batch.data, c, cand_rot, cand_shift, grid,
                                    pixel_weights=args["pixel_weights"], interpolation=interpolation, chunk=chunk)
-        flat = scores.reshape(b, -1)
-        t = jnp.maximum(adaptive_temperature(flat, batch.weight, args["target_fraction"]), 1.0)
-        logits = flat / t
-        draws = jax.random.categorical(key, logits, axis=-1, shape=(n_samples, b)).T  # (B, K)
-        best = jnp.argmax(logits, axis=-1)
-        max_prob = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
-        rows_b = jnp.arange(b)
-        rot = cand_rot[rows_b[:, None], draws // n_shift]  # (B, K, 3, 3)
-        shift = cand_shift[rows_b[:, None], draws % n_shift]  # (B, K, 2)
-        data = _shifted(batch.data, shift, grid)
-        ctf = None if batch.ctf is None else jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x), n_samples, 0),
-                                                          batch.ctf)
-        expanded = Particles(data=data.reshape((b * n_samples,) + data.shape[2:]),
-                             rotations=rot.reshape(b * n_samples, 3, 3), ctf=ctf,
-                             weight=jnp.repeat(batch.weight / n_samples, n_samples))
-        new_rows = (cand_rot[rows_b, best // n_shift], cand_shift[rows_b, best % n_shift], max_prob.astype(dtype))
-        return expanded, new_rows, t
+        rows_b = jnp.arange(b)[:, None]
+        return _draw_and_expand(batch, scores, lambda i: (cand_rot[rows_b, i // n_shift],
+                                                          cand_shift[rows_b, i % n_shift]),
+                                key, args, n_samples, grid)
 
     return stage
 
