@@ -364,10 +364,16 @@ class Refinement(NamedTuple):
     state: RefineState
 
 
+def _at_poses(particles: Particles, rotations, shifts_px, grid: FourierGrid) -> Particles:
+    """Particles at the given poses: the rotations set and the images shifted back by ``shifts_px``."""
+    dtype = particles.data.dtype
+    data = _shifted(particles.data, jnp.asarray(shifts_px, dtype)[:, None, :], grid)[:, 0]
+    return particles._replace(data=data, rotations=jnp.asarray(rotations, dtype))
+
+
 def _best_pose_particles(stacked: Particles, pose_state: PoseState, grid: FourierGrid) -> Particles:
     """Each half-set's particles at their current best pose (rotation and shift applied)."""
-    data = jax.vmap(lambda d, t: _shifted(d, t[:, None, :], grid)[:, 0])(stacked.data, pose_state.shifts_px)
-    return stacked._replace(data=data, rotations=pose_state.rotations.astype(stacked.data.dtype))
+    return jax.vmap(lambda p, r, t: _at_poses(p, r, t, grid))(stacked, pose_state.rotations, pose_state.shifts_px)
 
 
 def refine(particles: Particles, reference, config: Config | None = None, *, box: int, pixel_size_angstrom: float,
@@ -657,9 +663,7 @@ def _final_reconstruction(particles: Particles, rotations, shifts_px, recon: Rec
     (normal equations, noise estimate, Wiener prior from the half-maps' FSC) on every particle
     at its best pose, with the same half-sets (the same seed draws them), as RELION's last
     iteration reconstructs at the converged poses. The solvent mask is applied to the maps."""
-    grid = FourierGrid(box)
-    data = _shifted(particles.data, jnp.asarray(shifts_px, particles.data.dtype)[:, None, :], grid)[:, 0]
-    posed = particles._replace(data=data, rotations=jnp.asarray(rotations, particles.data.dtype))
+    posed = _at_poses(particles, rotations, shifts_px, FourierGrid(box))
     t0 = time.perf_counter()
     final = reconstruct_normal(posed, box=box, pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
                                lam=lam, seed=seed, symmetry=symmetry, noise_model="estimate", devices=devices,
