@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--relion-from", default=None, metavar="DIR",
                     help="score an existing (possibly unfinished) relion_refine output folder instead of running "
                          "it: its final map and data.star, or its latest iteration's")
+    ap.add_argument("--skip-jaxcryo", action="store_true", help="do not run jaxcryo (score RELION only)")
     ap.add_argument("--jaxcryo-args", default="", help="extra arguments for jaxcryo refine (default: none)")
     ap.add_argument("--tag", default="default", help="name of this jaxcryo run in the JSON")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "refine_vs_relion_cpu.json"))
@@ -225,6 +226,16 @@ def main(argv=None) -> int:
         record("relion_refine --auto_refine", wall, cpu, load0, load_average(), os.path.join(out, "run_class001.mrc"),
                os.path.join(out, "run_data.star"), " ".join(cmd))
 
+    if not args.skip_jaxcryo:
+        run_jaxcryo(args, work, parts, env, record, result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return 0
+
+
+def run_jaxcryo(args, work, parts, env, record, result):
+    """``jaxcryo refine`` with its defaults (plus ``--jaxcryo-args``) on the same particles and reference."""
     out = os.path.join(work, f"jaxcryo_{args.tag}")
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "jaxcryo.cli", "refine", parts, "--reference", os.path.join(work, "ref.mrc"),
@@ -237,11 +248,6 @@ def main(argv=None) -> int:
         hist = json.load(fh)
     result["runs"][f"jaxcryo refine {args.tag}"]["epochs"] = {
         k: hist.get(k) for k in ("resolution_angstrom", "angular_step_deg", "mean_pose_change_deg", "mode", "seconds")}
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
