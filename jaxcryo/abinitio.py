@@ -35,7 +35,8 @@ random noise (seeded), scaled to the images' power.
 
 The hand of the result is undetermined: a map and its mirror image explain every projection
 equally well (with poses M A M, M = diag(1, 1, -1)). :func:`flip_hand` gives the other one.
-Several classes (K > 1) are not implemented yet.
+With a point-group ``symmetry`` the volume step is symmetric by construction (each image at
+its pose composed with every group element); several classes (K > 1) are not implemented yet.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import numpy as np
 import optax
 
 from jaxcryo import poses
-from jaxcryo.curvature import batch_exact_diagonal, rademacher
+from jaxcryo.curvature import batch_exact_diagonal, rademacher, symmetrize_diagonal
 from jaxcryo.forward.ctf import conj_multiply, shift_phase
 from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, volume_to_ft
 from jaxcryo.forward.slicing import FourierGrid
@@ -143,11 +144,47 @@ def global_alignment(estimated, truth, iters: int = 3):
     return g, poses.geodesic_distance_deg(tru @ g, est)
 
 
-def pose_errors_deg(estimated, truth):
+def _symmetric_alignment(estimated, truth, ops, iters: int = 3, seeds: int = 8):
+    """As :func:`global_alignment` for a map with point group ``ops`` (G, 3, 3): the poses A and
+    A g (g in the group) give the same images, so estimated_i ~ truth_i g_i G with a g_i of each
+    particle's own. Candidates for G from a few particles and every g, each re-fitted with the
+    per-particle best g_i; the one with the smallest median error wins."""
+    est = np.asarray(estimated, np.float64)
+    variants = np.einsum("nij,gjk->ngik", np.asarray(truth, np.float64), ops)  # (n, G, 3, 3)
+    n, n_ops = variants.shape[:2]
+
+    def errors(g):
+        d = poses.geodesic_distance_deg(variants @ g, np.broadcast_to(est[:, None], variants.shape))
+        return d.min(1), d.argmin(1)
+
+    best = (np.inf, np.eye(3), None)
+    for i in range(min(seeds, n)):
+        for j in range(n_ops):
+            g = variants[i, j].T @ est[i]
+            for _ in range(iters):
+                err, pick = errors(g)
+                keep = err <= np.median(err)
+                g = _project_so3(np.einsum("nji,njk->ik", variants[np.arange(n), pick][keep], est[keep]))
+            err, _ = errors(g)
+            if np.median(err) < best[0]:
+                best = (float(np.median(err)), g, err)
+    return best[1], best[2]
+
+
+def pose_errors_deg(estimated, truth, symmetry: str = "C1"):
     """Angular errors (n,) of estimated poses after the best global rotation, either hand
-    (the hand whose median error is smaller), and the hand: (errors, flipped)."""
-    _, direct = global_alignment(estimated, truth)
-    _, mirrored = global_alignment(flip_rotations(estimated), truth)
+    (the hand whose median error is smaller), and the hand: (errors, flipped). With a
+    ``symmetry`` each particle's error is to the nearest of its G equivalent true poses."""
+    from jaxcryo.symmetry import symmetry_matrices
+
+    ops = symmetry_matrices(symmetry)
+    if ops.shape[0] == 1:
+        align = global_alignment
+    else:
+        def align(e, t):
+            return _symmetric_alignment(e, t, np.asarray(ops, np.float64))
+    _, direct = align(estimated, truth)
+    _, mirrored = align(flip_rotations(estimated), truth)
     if np.median(mirrored) < np.median(direct):
         return mirrored, True
     return direct, False
@@ -403,7 +440,7 @@ def _make_epoch(problem: Problem, tx, stage, *, batch_size: int, n_probes: int, 
             extra["diag_sample"] = batch_exact_diagonal(expanded, problem.data_only(), params.dtype) \
                 + 2.0 * problem.regularizer(params.dtype)
         elif probes is not None:
-            extra["diag_sample"] = jnp.mean(probes * hvps, axis=0)
+            extra["diag_sample"] = symmetrize_diagonal(jnp.mean(probes * hvps, axis=0), problem)
         updates, opt_state = tx.update(grad, opt_state, params, value=value, grad=grad,
                                        value_fn=lambda p: loss(p, expanded, problem), **extra)
         params = optax.apply_updates(params, updates)
@@ -477,7 +514,11 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
       max_shift_px: shift search radius in pixels (default a tenth of the box, within 3 px to
         box / 6; the polishing epochs can move a shift beyond it).
       lam: Tikhonov weight.
-      classes, symmetry: only 1 and 'C1' for now.
+      classes: only 1 for now.
+      symmetry: point group (RELION's symbol, :mod:`jaxcryo.symmetry`): the volume step uses
+        each image at its pose composed with every group element (as refine and reconstruct),
+        so the map is symmetric by construction, with its symmetry axes RELION's (z for Cn);
+        the pose search still covers all of SO(3) (each image's G equivalent poses score alike).
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
       settings: replace the schedule (a list as :func:`schedule` returns).
       initial: a real (box,)*3 starting map instead of :func:`initial_volume` (e.g. for tests).
@@ -488,8 +529,6 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
     """
     if int(classes) != 1:
         raise NotImplementedError(f"classes={classes}: several classes are not implemented yet (use 1)")
-    if str(symmetry).upper() != "C1":
-        raise NotImplementedError(f"symmetry {symmetry!r}: ab initio runs in C1 only for now")
     full = FourierGrid(box)
     dtype = jnp.asarray(particles.data).dtype
     n = int(particles.weight.shape[0])
@@ -532,7 +571,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         s = plan[e]
         t0 = time.perf_counter()
         small = FourierGrid(box, int(s["r_static"]))
-        problem = Problem(grid=small, interpolation=interpolation, lam=lam)
+        problem = Problem(grid=small, interpolation=interpolation, lam=lam, symmetry=symmetry)
         mode = s.get("mode", "global")
         tag = (small, s["batch_size"], mode) + ((s["order"], s["max_shift_px"], s["shift_step_px"])
                                                 if mode == "global" else ())

@@ -667,14 +667,6 @@ def _refine(args) -> int:
     check_outputs(f"{root}_half1.mrc", f"{root}_half2.mrc", f"{root}_fsc.png", os.path.join(folder, "history.json"),
                   ckpt, star_out)
     t_start = time.perf_counter()
-    if str(args.symmetry).upper() != "C1":
-        from jaxcryo.loss import Problem
-        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
-            raise InputError(f"--symmetry {args.symmetry}: this build handles C1 only")
-        try:
-            Problem(grid=FourierGrid(4), symmetry=args.symmetry)
-        except ValueError as err:
-            raise InputError(f"--symmetry {args.symmetry}: {err}") from None
     table, stack = open_particles(args.star, require_poses=args.local, datadir=args.datadir)
     _print_notes(args, table)
     with stack:
@@ -830,8 +822,6 @@ def _abinitio(args) -> int:
     star_out = f"{root}_particles.star"
     check_outputs(star_out, os.path.join(folder, "history.json"), ckpt)
     t_start = time.perf_counter()
-    if str(args.symmetry).upper() != "C1":
-        raise InputError(f"--symmetry {args.symmetry}: abinitio handles C1 only for now")
     if args.classes != 1:
         raise InputError(f"--classes {args.classes}: several classes are not implemented yet; use --classes 1")
     table, stack = open_particles(args.star, require_poses=False, datadir=args.datadir)
@@ -1089,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
     ref.add_argument("--mask", default=None, metavar="MASK.mrc",
                      help="solvent mask (values 0..1) instead of the sphere")
-    ref.add_argument("--symmetry", default="C1", metavar="SYM",
+    ref.add_argument("--symmetry", type=_symmetry, default="C1", metavar="SYM",
                      help="point group of the map (RELION symbols: C1, C4, D2, T, O, I, ...)")
     ref.add_argument("--local", action="store_true",
                      help="start from the STAR's poses (local searches only) instead of a global search")
@@ -1131,7 +1121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", required=True, metavar="INIT.mrc", help="output map")
     ab.add_argument("--diameter", type=pos_float, default=None, metavar="A",
                     help="particle diameter (Angstrom; default 0.7 of the box): the start and the solvent mask")
-    ab.add_argument("--symmetry", default="C1", metavar="SYM", help="point group (C1 only for now)")
+    ab.add_argument("--symmetry", type=_symmetry, default="C1", metavar="SYM",
+                    help="point group of the map (RELION symbols: C1, C4, D2, T, O, I, ...)")
     ab.add_argument("--classes", type=pos_int, default=1, metavar="K", help="number of classes (1 only for now)")
     ab.add_argument("--flip-hand", action="store_true", help="write the mirror image of the map (and its poses)")
     ab.add_argument("--epochs", type=pos_int, default=8, metavar="E",
