@@ -388,26 +388,29 @@ class BlockLayout:
         self.n_blocks = -(-m // per) if per < m else 1
         self.rows = -(-m // self.n_blocks)
 
-    def _cut(self, positions):
-        """(G, m) positions in visiting order -> list of (G, rows) particle rows, -1 padded."""
+    def _cut(self, positions, with_positions: bool = False):
+        """(G, m) positions in visiting order -> list of (G, rows) particle rows, -1 padded (with
+        ``with_positions``: of (positions in the half-sets, rows) pairs, both -1 padded)."""
         out = []
         for part in np.array_split(np.arange(positions.shape[1]), self.n_blocks):
             pos = np.sort(positions[:, part], axis=1)  # file order within a block: kinder to disks
             rows = np.take_along_axis(self.groups, pos, axis=1)
-            out.append(np.pad(rows, ((0, 0), (0, self.rows - rows.shape[1])), constant_values=-1))
+            pad = ((0, 0), (0, self.rows - rows.shape[1]))
+            rows = np.pad(rows, pad, constant_values=-1)
+            out.append((np.pad(pos, pad, constant_values=-1), rows) if with_positions else rows)
         return out
 
-    def fixed(self):
+    def fixed(self, with_positions: bool = False):
         """The blocks of a statistics pass (the same every time)."""
         g, m = self.groups.shape
-        return self._cut(np.broadcast_to(np.arange(m), (g, m)))
+        return self._cut(np.broadcast_to(np.arange(m), (g, m)), with_positions)
 
-    def shuffled(self, seed: int, epoch: int):
+    def shuffled(self, seed: int, epoch: int, with_positions: bool = False):
         """The blocks of epoch ``epoch``: each half-set's rows in a fresh random order, drawn from
         (seed, epoch) alone, so a resumed run sees the same blocks."""
         g, m = self.groups.shape
         rng = np.random.default_rng([int(seed), int(epoch), 0x6A63])
-        return self._cut(np.stack([rng.permutation(m) for _ in range(g)]))
+        return self._cut(np.stack([rng.permutation(m) for _ in range(g)]), with_positions)
 
 
 def reconstruct(particles: "Particles | ParticleBlocks", config: Config | None = None, *, box: int,

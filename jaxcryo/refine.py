@@ -40,8 +40,9 @@ from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import spherical_mask
 from jaxcryo.loss import Problem, data_loss_sum, subset
 from jaxcryo.noise import pixel_shells, residual_power
-from jaxcryo.reconstruct import (ReconState, Reconstruction, _split_halves, _stack_groups, finish,
-                                 group_functions, make_optimizer, reconstruct_normal, wiener_shell_lam)
+from jaxcryo.reconstruct import (BlockLayout, ParticleBlocks, ReconState, Reconstruction, _split_halves,
+                                 _stack_groups, finish, group_functions, make_optimizer, reconstruct_normal,
+                                 wiener_shell_lam)
 
 __all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes",
            "default_chunk", "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
@@ -371,6 +372,50 @@ def _at_poses(particles: Particles, rotations, shifts_px, grid: FourierGrid) -> 
     return particles._replace(data=data, rotations=jnp.asarray(rotations, dtype))
 
 
+def _rows_of(pose_state: PoseState, positions) -> PoseState:
+    """The pose state (G, m, ...) of a block's positions (G, rows) in the half-sets (-1: padding,
+    any row); None: all of it (a single block)."""
+    if positions is None:
+        return pose_state
+    pos = jnp.asarray(np.maximum(positions, 0))
+    return jax.tree.map(lambda x: jax.vmap(lambda a, p: a[p])(x, pos), pose_state)
+
+
+def _scatter_rows(pose_state: PoseState, positions, rows: PoseState) -> PoseState:
+    """``pose_state`` with a block's new rows written at its positions (padding dropped)."""
+    m = pose_state.max_prob.shape[1]
+    pos = jnp.asarray(np.where(positions >= 0, positions, m))
+    return jax.tree.map(lambda x, r: jax.vmap(lambda a, p, b: a.at[p].set(b.astype(a.dtype), mode="drop"))(x, pos, r),
+                        pose_state, rows)
+
+
+def _put_rows(array: np.ndarray, positions, values) -> None:
+    """array[g, positions[g]] = values[g] (numpy, in place; padding positions skipped)."""
+    if positions is None:
+        array[...] = values
+        return
+    for gi in range(array.shape[0]):
+        keep = positions[gi] >= 0
+        array[gi, positions[gi][keep]] = values[gi][keep]
+
+
+def _block_sums(fn, blocks, pose_state: PoseState):
+    """Sum over the blocks of the tuples ``fn(block, rows)``, as float64 numpy."""
+    total = None
+    for pos, block in blocks:
+        out = [np.asarray(x, np.float64) for x in fn(block, _rows_of(pose_state, pos))]
+        total = out if total is None else [a + b for a, b in zip(total, out)]
+    return total
+
+
+def _first_particles(blocks, n: int = 256) -> Particles:
+    """Up to ``n`` real particles (unstacked) of the first block."""
+    _, block = next(iter(blocks))
+    flat = jax.tree.map(lambda x: jnp.asarray(x).reshape((-1,) + x.shape[2:]), block)
+    keep = np.flatnonzero(np.asarray(flat.weight) > 0)[:n]
+    return subset(flat, jnp.asarray(keep))
+
+
 def _best_pose_particles(stacked: Particles, pose_state: PoseState, grid: FourierGrid) -> Particles:
     """Each half-set's particles at their current best pose (rotation and shift applied)."""
     return jax.vmap(lambda p, r, t: _at_poses(p, r, t, grid))(stacked, pose_state.rotations, pose_state.shifts_px)
@@ -443,7 +488,8 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
             raise NotImplementedError("symmetry other than C1 needs jaxcryo.symmetry (Problem.symmetry)")
         sym = {"symmetry": symmetry}  # the volume step symmetrises; poses are searched over all of SO(3)
     grid = FourierGrid(box)
-    dtype = particles.data.dtype
+    streamed = isinstance(particles, ParticleBlocks)
+    dtype = jnp.dtype(particles.dtype if streamed else particles.data.dtype)
     max_shift_px = min(5.0, box / 8.0) if max_shift_px is None else float(max_shift_px)
     diameter_angstrom = (box - 6) * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     if mask is None:
@@ -452,15 +498,34 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     problem = Problem(grid=grid, interpolation=interpolation, lam=lam, **sym)
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
-    n = particles.weight.shape[0]
-    n_noise = _n_noise_groups(particles)
+    n = particles.n_particles if streamed else particles.weight.shape[0]
+    n_noise = particles.n_noise_groups if streamed else _n_noise_groups(particles)
     groups = _split_halves(split_key, n, True)
-    stacked = _stack_groups(particles, groups)
     mesh = dist.mesh_for(devices, mesh)  # None on one device
-    sharded = stacked if mesh is None else dist.shard_groups(particles, groups, mesh)
     g, m = groups.shape
-    batch_size = int(min(batch_size, m))
-    steps_per_epoch = -(-m // batch_size)
+    # One driver: each half-set is swept in blocks (in memory: one block, placed once; streamed:
+    # several, read again every pass), each with its rows' pose state.
+    layout = BlockLayout(groups, particles.block_size if streamed else None)
+    if layout.n_blocks == 1:
+        stacked = next(iter(particles.blocks([groups]))) if streamed else _stack_groups(particles, groups)
+        sharded = stacked if mesh is None else (next(iter(particles.blocks([groups], mesh))) if streamed
+                                                 else dist.shard_groups(particles, groups, mesh))
+
+        def stat_blocks():
+            return [(None, stacked)]
+
+        def train_blocks(epoch):
+            return [(None, sharded)]
+    else:
+        def stat_blocks():
+            fixed = layout.fixed(with_positions=True)
+            return zip([p for p, _ in fixed], particles.blocks([r for _, r in fixed]))
+
+        def train_blocks(epoch):
+            order = layout.shuffled(seed, epoch, with_positions=True)
+            return zip([p for p, _ in order], particles.blocks([r for _, r in order], mesh))
+    batch_size = int(min(batch_size, layout.rows))
+    steps_per_epoch = layout.n_blocks * (-(-layout.rows // batch_size))
     if isinstance(method, str):
         tx = make_optimizer(method, box=box, r_max=grid.radius, beta=cfg.beta, alpha=cfg.alpha, n_probes=n_probes,
                             initial_step=cfg.initial_step, c=cfg.c, learning_rate=cfg.learning_rate,
@@ -471,6 +536,27 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     global_step = poses.angular_step_deg(global_order)
     first_local = global_step / 2 if local_step_deg is None else float(local_step_deg)
 
+    data_problem = problem.data_only()
+    diag_problem = (dataclasses.replace(data_problem, interpolation="nearest") if interpolation == "nufft"
+                    else data_problem)
+
+    @jax.jit
+    def power_sums(params, block, rows):
+        """Residual power sums (noise groups, shells) of a block at its rows' best poses, both half-sets."""
+        best = _best_pose_particles(block, rows, grid)
+        power, pixels = jax.vmap(lambda v, p: residual_power(v, p, data_problem, n_groups=n_noise,
+                                                            batch_size=batch_size))(params, best)
+        return power.sum(0), pixels.sum(0)
+
+    @jax.jit
+    def stat_sums(params, block, rows):
+        """Of a block at its rows' best poses: each half-set's exact data diagonal (normalised by
+        the block's weight) and that weight, and its data-loss sum and weight."""
+        best = _best_pose_particles(block, rows, grid)
+        diag = jax.vmap(lambda p: exact_diagonal(p, diag_problem, batch_size, dtype))(best)
+        total, weight = jax.vmap(lambda v, p: data_loss_sum(v, p, data_problem, batch_size))(params, best)
+        return diag, jnp.sum(best.weight, axis=1), total, weight
+
     # A start coarser than Fourier shell 2 holds no pose information: low-pass no further.
     initial_lowpass_angstrom = min(float(initial_lowpass_angstrom), box * pixel_size_angstrom / 2.0)
     if resume is None:
@@ -478,15 +564,21 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         init = volume_to_ft(jnp.asarray(ref, dtype), interpolation)
         lp_shell = box * pixel_size_angstrom / initial_lowpass_angstrom
         if scale_reference:
-            init = init * _reference_scale(init, particles, grid, interpolation, lp_shell, seed=seed)
+            init = init * _reference_scale(init, _first_particles(stat_blocks()), grid, interpolation, lp_shell,
+                                           seed=seed)
         params = jnp.stack([init] * g)
         opt_state = jax.vmap(tx.init)(params)
-        eye = jnp.broadcast_to(jnp.eye(3, dtype=dtype), (g, m, 3, 3))
-        pose_state = PoseState(stacked.rotations if local else eye, jnp.zeros((g, m, 2), dtype),
-                               jnp.zeros((g, m), dtype))
+        rotations = np.broadcast_to(np.eye(3, dtype=dtype), (g, m, 3, 3))
+        if local:  # the priors, by position in the half-sets
+            rotations = np.array(rotations)
+            for pos, block in stat_blocks():
+                _put_rows(rotations, pos, np.asarray(block.rotations))
+        pose_state = PoseState(jnp.asarray(rotations), jnp.zeros((g, m, 2), dtype), jnp.zeros((g, m), dtype))
+        sigma2_0 = _sigma2(*_block_sums(lambda b, rows: power_sums(jnp.zeros_like(params), b, rows),
+                                        stat_blocks(), pose_state))
         history = {"epoch": [], "loss": [], "seconds": [], "resolution_angstrom": [], "angular_step_deg": [],
                    "shift_step_px": [], "r_limit": [], "mean_pose_change_deg": [], "mode": [],
-                   "sigma2": [noise_spectrum(None, particles, problem).tolist()],
+                   "sigma2": [sigma2_0.tolist()],
                    "next": [{"mode": "local" if local else "global", "step_deg": first_local,
                              "shift_step_px": shift_step_px if local else shift_step_px,
                              "r_limit": float(min(grid.radius, math.ceil(lp_shell + 1.0))),  # the low-pass edge ends at cut + 1
@@ -506,9 +598,10 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         tag = (search, prob)
         if tag not in compiled:
             fn, _ = group_functions(prob, tx, batch_size=batch_size, n_probes=probes, exact=exact,
-                                    pose_stage=make_pose_stage(search, grid), mesh=mesh, n_rows=m)
+                                    pose_stage=make_pose_stage(search, grid), mesh=mesh, n_rows=layout.rows,
+                                    blocks=True)
             t0 = time.perf_counter()
-            compiled.clear()  # one compiled epoch at a time: the schedule never goes back
+            compiled.clear()  # one compiled block function at a time: the schedule never goes back
             compiled[tag] = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
             history["compile_seconds"] += time.perf_counter() - t0
         return compiled[tag]
@@ -520,19 +613,21 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     def r_mask(r_limit):
         return jnp.asarray(pixel_radius <= r_limit + 1e-6, dtype)
 
-    data_problem = problem.data_only()
-    diag_problem = (dataclasses.replace(data_problem, interpolation="nearest") if interpolation == "nufft"
-                    else data_problem)
-
-    @jax.jit
     def statistics(params, pose_state):
-        """At each half-set's best poses: exact data diagonal, residual power per shell, data loss."""
-        best = _best_pose_particles(stacked, pose_state, grid)
-        diag = jax.vmap(lambda p: exact_diagonal(p, diag_problem, batch_size, dtype))(best)
-        power, pixels = jax.vmap(lambda v, p: residual_power(v, p, data_problem, n_groups=n_noise,
-                                                            batch_size=batch_size))(params, best)
-        total, weight = jax.vmap(lambda v, p: data_loss_sum(v, p, data_problem, batch_size))(params, best)
-        return diag, (power.sum(0), pixels.sum(0)), total / jnp.maximum(weight, 1e-12)
+        """At each half-set's best poses, summed over the blocks: exact data diagonal, residual
+        power per noise group and shell, data loss."""
+        parts = [(stat_sums(params, block, _rows_of(pose_state, pos)), power_sums(params, block,
+                                                                                  _rows_of(pose_state, pos)))
+                 for pos, block in stat_blocks()]
+        if len(parts) == 1:
+            (diag, _, total, weight), power = parts[0]
+        else:
+            w = sum(p[0][1] for p in parts)
+            per_group = (g,) + (1,) * (params.ndim - 1)
+            diag = sum(p[0][0] * p[0][1].reshape(per_group) for p in parts) / jnp.maximum(w, 1e-12).reshape(per_group)
+            total, weight = sum(p[0][2] for p in parts), sum(p[0][3] for p in parts)
+            power = tuple(sum(p[1][i] for p in parts) for i in range(2))
+        return diag, power, total / jnp.maximum(weight, 1e-12)
 
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     history.setdefault("compile_seconds", 0.0)
@@ -561,14 +656,18 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         if exact:
             diag = statistics(params, pose_state)[0] + 2.0 * reg
         before = np.asarray(pose_state.rotations)
-        average_from = jnp.asarray(0.5 if epoch == 1 else 0.0, dtype)
-        inputs = (params, opt_state, keys, stacked, diag, average_from, pose_state, args)
-        if mesh is not None:  # particle rows sharded over the devices, everything else replicated
-            inputs = tuple(sharded if i == 3 else dist.replicate(x, mesh) for i, x in enumerate(inputs))
-        t1 = time.perf_counter()
-        fn = epoch_fn(search, volume_problem, *inputs)
-        t0 += time.perf_counter() - t1  # compilation is not run time
-        params, opt_state, keys, _, pose_state = fn(*inputs)
+        step0, zero = 0, jnp.zeros((), jnp.int32)
+        for pos, block in train_blocks(epoch):
+            rows = _rows_of(pose_state, pos)
+            inputs = (params, opt_state, keys, block, diag, zero, jnp.asarray(step0, jnp.int32), None, rows, args)
+            if mesh is not None:  # particle rows sharded over the devices, everything else replicated
+                inputs = tuple(x if i == 3 else dist.replicate(x, mesh) for i, x in enumerate(inputs))
+            t1 = time.perf_counter()
+            fn = epoch_fn(search, volume_problem, *inputs)
+            t0 += time.perf_counter() - t1  # compilation is not run time
+            params, opt_state, keys, _, _, rows = fn(*inputs)
+            pose_state = rows if pos is None else _scatter_rows(pose_state, pos, rows)
+            step0 += -(-layout.rows // batch_size)
         params = _apply_mask(params, mask, interpolation)
         if not bool(jnp.all(jnp.isfinite(params))):
             raise FloatingPointError(f"refine: the half-maps became non-finite in epoch {epoch} "
@@ -626,7 +725,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     state = RefineState(ReconState(state.recon.epoch if history["epoch"] else 0, params, opt_state, keys, history),
                         pose_state)
     rot, shift, prob, half = _unstack_poses(pose_state, groups, n)
-    if final_solve and interpolation in ("nearest", "trilinear") and history["epoch"]:
+    if final_solve and not streamed and interpolation in ("nearest", "trilinear") and history["epoch"]:
         recon = _final_reconstruction(particles, rot, shift, state.recon, mask, box=box,
                                       pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
                                       lam=lam, seed=seed, symmetry=symmetry, devices=devices, mesh=mesh)

@@ -194,3 +194,47 @@ def test_one_frozen_config_holds_the_settings(star, in_memory):
         jc.refine(particles, np.zeros((BOX,) * 3, np.float32), cfg.replace(halves=False), box=BOX,
                   pixel_size_angstrom=PX)
     assert cfg.as_dict()["batch_size"] == 32 and jc.Config(method=jc.make_optimizer("sgd", box=BOX)).as_dict()
+
+
+@pytest.fixture(scope="module")
+def refine_star(tmp_path_factory):
+    """Particles refine can find poses for: box 24 at 8 A/px, SNR 1 (as tests/test_refine.py)."""
+    folder = tmp_path_factory.mktemp("refine_stream")
+    assert cli.main(["simulate", "--out", str(folder), "--n-images", "200", "--box", "24", "--pixel-size", "8",
+                     "--snr", "1", "--seed", "1", "--quiet"]) == 0
+    return str(folder / "particles.star")
+
+
+def test_refine_streamed_is_the_in_memory_refine(refine_star):
+    """Refine on the same driver: streamed with one block holding every particle it is the
+    in-memory refine (only the FFT batch differs); with three blocks per pass only the
+    minibatches differ (drawn within blocks): the same quality of poses and map."""
+    import dataclasses
+
+    from jaxcryo.io import read_map
+    from jaxcryo.pipeline import StreamedBlocks
+    from jaxcryo.refine import rotation_angle_deg
+
+    box, px = 24, 8.0
+    truth, _ = read_map(os.path.join(os.path.dirname(refine_star), "truth.mrc"))
+    table, stack = open_particles(refine_star)
+    true_rot = np.asarray(jc.euler_to_matrix(table.euler_deg), np.float32)
+    table = dataclasses.replace(table, shifts_angstrom=np.zeros((len(table), 2)))  # a global search
+    grid = FourierGrid(box)
+    kw = dict(box=box, pixel_size_angstrom=px, epochs=4, global_order=1, global_epochs=1, batch_size=50,
+              final_solve=False)
+    with stack:
+        mem = jc.refine(load_particles(table, stack, grid), truth, **kw)
+        one = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=10_000), truth, **kw)
+        three = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=70), truth, **kw)
+    scale = np.abs(mem.reconstruction.volume).max()
+    np.testing.assert_allclose(one.reconstruction.volume, mem.reconstruction.volume, atol=1e-4 * scale)
+    np.testing.assert_allclose(one.rotations, mem.rotations, atol=1e-5)
+    shells = slice(1, box // 2 - 1)
+    f_three = fsc(three.reconstruction.volume, truth)[shells].mean()
+    f_mem = fsc(mem.reconstruction.volume, truth)[shells].mean()
+    e_three = np.median(rotation_angle_deg(three.rotations, true_rot))
+    e_mem = np.median(rotation_angle_deg(mem.rotations, true_rot))
+    print(f_three, f_mem, e_three, e_mem, three.reconstruction.history["angular_step_deg"])
+    assert f_three > f_mem - 0.03, (f_three, f_mem)
+    assert e_three < e_mem + 1.0 and e_mem < 7.5, (e_three, e_mem)
