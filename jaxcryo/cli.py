@@ -653,9 +653,9 @@ def _refine(args) -> int:
     from jaxcryo.fsc import resolution
     from jaxcryo.geometry import matrix_to_euler
     from jaxcryo.io import InputError, read_map, write_map
-    from jaxcryo.pipeline import (GIB, available_memory_bytes, checkpoint_path, checkpoint_settings, format_bytes,
-                                  load_checkpoint, load_particles, open_particles, plan_memory,
-                                  refine_state_template, runtime_memory_bytes, save_checkpoint,
+    from jaxcryo.pipeline import (GIB, StreamedBlocks, available_memory_bytes, checkpoint_path, checkpoint_settings,
+                                  format_bytes, load_checkpoint, load_particles, open_particles, plan_memory,
+                                  plan_streaming, refine_state_template, runtime_memory_bytes, save_checkpoint,
                                   write_refined_particles, REFINE_PROGRAMS_BYTES, limit_heap_growth)
     from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
 
@@ -707,17 +707,25 @@ def _refine(args) -> int:
                            interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
         scratch = pose_stage_bytes(min(args.batch_size, n), box, global_order=args.global_order, top_k=args.top_k,
                                    interpolation=args.interpolation)
-        needed = plan.in_memory_bytes + scratch + REFINE_PROGRAMS_BYTES
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
+        extra = scratch + REFINE_PROGRAMS_BYTES
+        # Streamed from disk when asked, or when the set does not fit in memory but its blocks do.
+        splan = plan_streaming(box, n_images=n, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                               interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
+        stream = args.stream or (plan.in_memory_bytes + extra > limit >= splan.in_memory_bytes + extra)
+        used = splan if stream else plan
+        needed = used.in_memory_bytes + extra
+        how = (f"streaming blocks of {args.chunk_size} images from disk: {splan.describe('blocks in flight')}"
+               if stream else f"in memory: {plan.describe()}")
         _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
                    f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
                    f"searches, at most {args.epochs} epochs; memory needed about {format_bytes(needed)} "
-                   f"({plan.describe()}, plus {format_bytes(scratch)} of pose-stage scratch and "
+                   f"({how}, plus {format_bytes(scratch)} of pose-stage scratch and "
                    f"{format_bytes(REFINE_PROGRAMS_BYTES)} of refine's compiled epochs), limit {format_bytes(limit)}")
         if needed > limit:
             raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, above the "
-                             f"limit of {format_bytes(limit)}; lower --batch-size or --global-order, or raise "
-                             "--max-memory-gb")
+                             f"limit of {format_bytes(limit)}; lower --chunk-size, --batch-size or --global-order, "
+                             "or raise --max-memory-gb")
 
         import hashlib
         with open(table.star_path, "rb") as fh:
@@ -743,10 +751,13 @@ def _refine(args) -> int:
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
         source = table if args.local else dataclasses.replace(table, shifts_angstrom=np.zeros((n, 2)))
-        bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
-        particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update,
-                                   optics_groups=np.unique(table.optics_group))  # a noise model per group
-        bar.close()
+        if stream:  # read again every pass; the noise model per optics group, as in memory
+            particles = StreamedBlocks(source, stack, grid, chunk_size=args.chunk_size)
+        else:
+            bar = tqdm(total=n, desc="reading particles", unit="img", disable=args.quiet, leave=False)
+            particles = load_particles(source, stack, grid, chunk_size=args.chunk_size, progress=bar.update,
+                                       optics_groups=np.unique(table.optics_group))  # a noise model per group
+            bar.close()
 
     start_epoch = 0 if resume is None else resume.recon.epoch
     epochs_bar = tqdm(total=args.epochs, initial=min(start_epoch, args.epochs), desc="refine epochs", unit="epoch",
@@ -764,8 +775,11 @@ def _refine(args) -> int:
                        local=args.local, epochs=args.epochs, batch_size=args.batch_size, method=args.method,
                        interpolation=args.interpolation, global_order=args.global_order, top_k=args.top_k,
                        temperature=args.temperature, seed=args.seed, symmetry=args.symmetry)
-    result = jc.refine(particles, reference, config, box=box, pixel_size_angstrom=px, mask=mask, resume=resume,
-                       callback=on_epoch)
+    try:  # streamed blocks reopen the stacks' files as they read them (the `with` above closed them)
+        result = jc.refine(particles, reference, config, box=box, pixel_size_angstrom=px, mask=mask, resume=resume,
+                           callback=on_epoch)
+    finally:
+        stack.close()
     epochs_bar.close()
     del particles
     rec = result.reconstruction
@@ -1099,7 +1113,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from MAP.ckpt.npz; an error if it is missing or was made with other settings")
     ref.add_argument("--max-memory-gb", type=pos_float, default=None, metavar="GB",
                      help="refuse to start when the run needs more memory than this (GiB)")
-    ref.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N", help="images read at a time")
+    ref.add_argument("--chunk-size", type=pos_int, default=4096, metavar="N",
+                     help="images read at a time (streamed: images per block)")
+    ref.add_argument("--stream", action="store_true",
+                     help="read the particles from disk in blocks every pass instead of holding them in memory "
+                          "(automatic when they do not fit under --max-memory-gb but the blocks do); the maps "
+                          "are then the psgd iterates (the final exact solve needs every particle in memory)")
     ref.add_argument("--keep-checkpoint", action="store_true",
                      help="keep MAP.ckpt.npz after a successful run (to extend it later with a larger --epochs)")
     ref.add_argument("--datadir", default=None, metavar="DIR",
