@@ -433,7 +433,14 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         seed, symmetry and the optimizer's (n_probes, beta, alpha, learning_rate, initial_step,
         c, warmup), as :func:`jaxcryo.reconstruct.reconstruct` does.
       particles: :class:`Particles` whose ``data`` have any prior shift already undone (zeros
-        for a global search) and whose ``rotations`` are the priors used with ``local``.
+        for a global search) and whose ``rotations`` are the priors used with ``local``; or a
+        :class:`jaxcryo.reconstruct.ParticleBlocks` source of such particles, e.g.
+        :class:`jaxcryo.pipeline.StreamedBlocks` (read from disk in blocks every pass). One driver
+        either way: each block is swept by the same compiled block function as
+        :func:`jaxcryo.reconstruct.reconstruct`'s, with its rows of the pose state; statistics
+        (exact diagonal, noise per group, loss) are sums over the blocks. One block holding every
+        particle is the in-memory run. Streamed, the maps are the psgd iterates (``final_solve``
+        needs every particle in memory).
       reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
         :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` (no coarser
         than Fourier shell 2) and, with ``scale_reference``, scaled to the images' signal power.
