@@ -930,7 +930,8 @@ def _abinitio(args) -> int:
     print(f"note: the hand of an ab initio map is undetermined (its mirror image fits the particles equally well); "
           f"check it against known chirality (e.g. alpha helices) and rerun with{'out' if args.flip_hand else ''} "
           f"--flip-hand for the other one. Continue with: jaxcryo refine {star_out} --reference {args.out} "
-          f"--local --initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f} --out MAP.mrc")
+          f"--local --initial-lowpass {max(20.0, h['resolution_angstrom'][-1]):.0f}"
+          + (f" --symmetry {args.symmetry}" if args.symmetry != "C1" else "") + " --out MAP.mrc")
     return 0
 
 
