@@ -825,7 +825,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
                        resume: ReconState | None = None, callback: Callable[[ReconState], Any] | None = None,
                        devices: int | None = None, mesh=None, share: "dist.HostShare | None" = None,
                        symmetry: str = "C1", noise_model: str = "white", noise_tol: float = 0.1,
-                       noise_sample: int = 2048) -> Reconstruction:
+                       noise_sample: int = 2048, groups=None) -> Reconstruction:
     """Known-pose reconstruction through the normal equations (``reconstruct(method='normal')``).
 
     One pass over the particles accumulates each half-set's normal equations
@@ -866,7 +866,9 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     if mesh is not None and jax.process_count() == 1 and dist.n_devices(mesh) == 1:
         mesh = None
     n = particles.weight.shape[0] if share is None else share.n_total
-    groups = _split_halves(split_key, n, halves)
+    # ``groups``: the half-sets' rows (G, m), -1 padded, when the caller fixes them (refine's
+    # final solve over several candidate rows per particle); else drawn from the seed.
+    groups = _split_halves(split_key, n, halves) if groups is None else np.asarray(groups)
     g = groups.shape[0]
     batch_size = int(min(batch_size, groups.shape[1]))
     noise_group = None if particles.noise_group is None else np.asarray(particles.noise_group)

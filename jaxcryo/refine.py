@@ -38,7 +38,7 @@ from jaxcryo.forward.model import Particles, ctf_batch, ft_to_volume, slices, vo
 from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import spherical_mask
-from jaxcryo.loss import Problem, data_loss_sum, subset
+from jaxcryo.loss import Problem, batched, data_loss_sum, subset
 from jaxcryo.noise import pixel_shells, residual_power
 from jaxcryo.reconstruct import (BlockLayout, ParticleBlocks, ReconState, Reconstruction, _split_halves,
                                  _stack_groups, finish, group_functions, make_optimizer, reconstruct_normal,
@@ -731,14 +731,59 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
 
     state = RefineState(ReconState(state.recon.epoch if history["epoch"] else 0, params, opt_state, keys, history),
                         pose_state)
-    rot, shift, prob, half = _unstack_poses(pose_state, groups, n)
     if final_solve and not streamed and interpolation in ("nearest", "trilinear") and history["epoch"]:
-        recon = _final_reconstruction(particles, rot, shift, state.recon, mask, box=box,
+        # As RELION's last iteration: one more pose pass at the converged maps, oversampled
+        # (local, half the last steps), keeping each image's top K poses with their posterior
+        # weights; the maps are then solved exactly over those rows (marginalised poses).
+        t0 = time.perf_counter()
+        last = history["next"][-1]
+        search = PoseSearch(mode="local", order=global_order, max_shift_px=max_shift_px, top_k=top_k,
+                            temperature=temperature, r_limit=int(min(grid.radius, math.ceil(last["r_limit"]))),
+                            interpolation=interpolation,
+                            chunk=default_chunk(box, interpolation) if chunk is None else int(chunk))
+        args = {"pixel_weights": _pixel_weights(np.asarray(history["sigma2"][-1]), grid, dtype)
+                * r_mask(last["r_limit"]),
+                "step_deg": jnp.asarray(history["angular_step_deg"][-1] / 2, dtype),
+                "shift_step_px": jnp.asarray(history["shift_step_px"][-1] / 2, dtype)}
+        expanded, pose_state = _final_pose_pass(search, grid, params, stacked, pose_state, args, batch_size)
+        history["final_pose_pass_seconds"] = time.perf_counter() - t0
+        state = RefineState(state.recon._replace(history=history), pose_state)
+        k = top_k
+        rows_k = np.where(groups[..., None] >= 0,
+                          (np.arange(g)[:, None, None] * m + np.arange(m)[None, :, None]) * k + np.arange(k), -1)
+        recon = _final_reconstruction(expanded, rows_k.reshape(g, m * k), state.recon, mask, box=box,
                                       pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
                                       lam=lam, seed=seed, symmetry=symmetry, devices=devices, mesh=mesh)
     else:
         recon = finish(state.recon, interpolation, pixel_size_angstrom)
+    rot, shift, prob, half = _unstack_poses(pose_state, groups, n)
     return Refinement(recon, rot, shift, prob, half, state)
+
+
+def _final_pose_pass(search: PoseSearch, grid: FourierGrid, params, stacked: Particles, pose_state: PoseState,
+                     args, batch_size: int):
+    """The pose stage ``search`` over every particle of each half-set at its half-map: the
+    expanded rows (G * m * K, particle-major: position j's K candidates at rows j K .. j K + K - 1
+    of its half-set's block) with posterior weights, and the new pose state (the best of them)."""
+    stage = make_pose_stage(search, grid)
+    g, m = pose_state.max_prob.shape
+    k = search.top_k
+
+    @jax.jit
+    def one_half(p, part, rows, args):
+        def body(idx):
+            r = jax.tree.map(lambda x: x[jnp.maximum(idx, 0)], rows)
+            return stage(p, subset(part, idx), r, None, args)
+        expanded, new = jax.lax.map(body, batched(jnp.arange(m), batch_size))
+        expanded = jax.tree.map(lambda x: x.reshape((-1, k) + x.shape[2:])[:m].reshape((m * k,) + x.shape[2:]),
+                                expanded)
+        return expanded, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:m], new)
+
+    outs = [one_half(params[i], jax.tree.map(lambda x: x[i], stacked), jax.tree.map(lambda x: x[i], pose_state), args)
+            for i in range(g)]
+    expanded = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[o[0] for o in outs])
+    new = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[1] for o in outs])
+    return expanded, new
 
 
 def stop_rule(plan: dict, *, resolution_angstrom: float, mean_change_deg: float, settled_sampling: bool,
@@ -762,18 +807,18 @@ def stop_rule(plan: dict, *, resolution_angstrom: float, mean_change_deg: float,
             "stop": bool(settled_sampling and may_stop and settled and resolution_angstrom >= 0.99 * best_res)}
 
 
-def _final_reconstruction(particles: Particles, rotations, shifts_px, recon: ReconState, mask, *, box: int,
+def _final_reconstruction(posed: Particles, groups, recon: ReconState, mask, *, box: int,
                           pixel_size_angstrom: float, interpolation: str, lam: float, seed: int, symmetry: str,
                           devices, mesh) -> Reconstruction:
     """The maps at the refined poses, solved exactly: :func:`jaxcryo.reconstruct.reconstruct_normal`
-    (normal equations, noise estimate, Wiener prior from the half-maps' FSC) on every particle
-    at its best pose, with the same half-sets (the same seed draws them), as RELION's last
-    iteration reconstructs at the converged poses. The solvent mask is applied to the maps."""
-    posed = _at_poses(particles, rotations, shifts_px, FourierGrid(box))
+    (normal equations, noise estimate, Wiener prior from the half-maps' FSC) over ``posed``
+    (rows at their poses, images shifted back, weights the posterior), with the half-sets'
+    rows ``groups``, as RELION's last iteration reconstructs at the converged poses. The
+    solvent mask is applied to the maps."""
     t0 = time.perf_counter()
     final = reconstruct_normal(posed, box=box, pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
                                lam=lam, seed=seed, symmetry=symmetry, noise_model="estimate", devices=devices,
-                               mesh=mesh)
+                               mesh=mesh, groups=groups)
     m = np.asarray(mask)
     halves = np.asarray(final.half_maps) * m
     curve = fsc(halves[0], halves[1])
