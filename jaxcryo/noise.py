@@ -30,13 +30,20 @@ from jaxcryo.loss import Problem, forward, sum_over_batches
 
 NOISE_MODELS = ("estimate", "white")
 
-__all__ = ["NOISE_MODELS", "pixel_shells", "residual_power", "estimate_noise", "shell_weights_from_sigma2",
+__all__ = ["NOISE_MODELS", "pixel_shells", "n_noise_groups", "residual_power", "estimate_noise",
+           "shell_weights_from_sigma2",
            "noise_moved", "with_noise_weights"]
 
 
 def pixel_shells(grid: FourierGrid) -> np.ndarray:
     """(P,) Fourier shell round(|k|) of each of the grid's pixels; shells 0 .. grid.radius."""
     return np.rint(np.linalg.norm(grid.freqs, axis=-1)).astype(np.int32)
+
+
+def n_noise_groups(particles: Particles) -> int:
+    """How many noise groups a particle set uses: max(``noise_group``) + 1, or 1 when None."""
+    group = particles.noise_group
+    return 1 if group is None else int(np.max(np.asarray(group), initial=0)) + 1
 
 
 def residual_power(params, particles: Particles, problem: Problem, *, n_groups: int = 1,

@@ -25,7 +25,8 @@ from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import default_alpha, half_volume_weights
 from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
-from jaxcryo.noise import NOISE_MODELS, noise_moved, residual_power, shell_weights_from_sigma2, with_noise_weights
+from jaxcryo.noise import (NOISE_MODELS, n_noise_groups, noise_moved, residual_power, shell_weights_from_sigma2,
+                           with_noise_weights)
 from jaxcryo.optim import armijo, has_hutchinson, scale_by_hutchinson, seed_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam", "normal")
@@ -365,8 +366,7 @@ class InMemoryBlocks(ParticleBlocks):
         self.particles, self.share = particles, share
         self.n_particles = particles.weight.shape[0] if share is None else share.n_total
         self.dtype = particles.data.dtype
-        group = particles.noise_group
-        self.n_noise_groups = 1 if group is None else int(np.max(np.asarray(group), initial=0)) + 1
+        self.n_noise_groups = n_noise_groups(particles)
 
     def blocks(self, rows_list, mesh=None):
         for rows in rows_list:
@@ -872,7 +872,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     g = groups.shape[0]
     batch_size = int(min(batch_size, groups.shape[1]))
     noise_group = None if particles.noise_group is None else np.asarray(particles.noise_group)
-    n_noise = 1 if noise_group is None else int(noise_group.max(initial=0)) + 1
+    n_noise = n_noise_groups(particles)
     if resume is not None and resume.history.get("noise_weights") is not None:
         problem = with_noise_weights(problem, resume.history["noise_weights"])
     data = problem.data_only()

@@ -39,7 +39,7 @@ from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import spherical_mask
 from jaxcryo.loss import Problem, batched, data_loss_sum, subset
-from jaxcryo.noise import pixel_shells, residual_power
+from jaxcryo.noise import n_noise_groups, pixel_shells, residual_power
 from jaxcryo.reconstruct import (BlockLayout, ParticleBlocks, ReconState, Reconstruction, _split_halves,
                                  _stack_groups, finish, group_functions, make_optimizer, reconstruct_normal,
                                  wiener_shell_lam)
@@ -277,11 +277,6 @@ def _apply_mask(params, mask, interpolation):
 # ----------------------------------------------------------------------------- noise and scale
 
 
-def _n_noise_groups(particles: Particles) -> int:
-    group = particles.noise_group
-    return 1 if group is None else int(np.max(np.asarray(group), initial=0)) + 1
-
-
 def _sigma2(power, pixels) -> np.ndarray:
     """sigma^2 (G, S) from residual sums (G, S) (see :func:`jaxcryo.noise.residual_power`); a
     group without images takes the pooled spectrum of the others."""
@@ -299,7 +294,7 @@ def noise_spectrum(params, particles: Particles, problem: Problem, batch_size: i
     grid = problem.grid
     if params is None:
         params = jnp.zeros(grid.volume_shape + (2,), particles.data.dtype)
-    fn = jax.jit(lambda v, p: residual_power(v, p, problem, n_groups=_n_noise_groups(particles),
+    fn = jax.jit(lambda v, p: residual_power(v, p, problem, n_groups=n_noise_groups(particles),
                                              batch_size=batch_size))
     return _sigma2(*fn(params, particles))
 
@@ -506,7 +501,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     n = particles.n_particles if streamed else particles.weight.shape[0]
-    n_noise = particles.n_noise_groups if streamed else _n_noise_groups(particles)
+    n_noise = particles.n_noise_groups if streamed else n_noise_groups(particles)
     groups = _split_halves(split_key, n, True)
     mesh = dist.mesh_for(devices, mesh)  # None on one device
     g, m = groups.shape
