@@ -114,33 +114,36 @@ def _planned_and_peak(proc):
 
 
 def test_streamed_memory_is_the_plan_and_flat(tmp_path):
-    """A real streamed run (subprocess) peaks under its printed plan, and 6x the images do not
-    raise the peak beyond the larger table (the stack is read, not mapped; same blocks)."""
+    """A real streamed run (subprocess) peaks under its printed plan, and 15x the images do not
+    raise the peak by the stack (the stack is read, not mapped; same blocks)."""
     import subprocess
     import sys
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXCRYO_CACHE_DIR="",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = []
-    for n in (2000, 12000):
+    small, large, box = 2000, 30000, 32
+    for n in (small, large):
         folder = tmp_path / str(n)
         folder.mkdir()
-        star = _noise_set(folder, n)
+        star = _noise_set(folder, n, box=box)
         procs.append(subprocess.Popen(
             [sys.executable, "-c", MEASURE, "reconstruct", star, "--out", str(folder / "map.mrc"), "--stream",
              "--chunk-size", "1024", "--epochs", "1", "--method", "psgd", "--wiener-after", "0",
              "--noise-model", "white", "--max-memory-gb", "2"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    (plan_n, peak_n, err), (plan_6n, peak_6n, _) = (_planned_and_peak(p) for p in procs)
+    (plan_n, peak_n, err), (plan_15n, peak_15n, _) = (_planned_and_peak(p) for p in procs)
     assert "runtime" in err and "blocks in flight" in err, err
-    # The same blocks: the plan grows only by the STAR table held (measured with the runtime, ~2 KB a row).
     mib = 1024 ** 2
-    assert abs(plan_6n - plan_n) < 32 * mib, (plan_n, plan_6n)
-    print(f"planned {plan_n / mib:.0f} / {plan_6n / mib:.0f} MiB, peak {peak_n / mib:.0f} / {peak_6n / mib:.0f} MiB")
-    assert 0.6 * plan_n < peak_n < plan_n and 0.6 * plan_6n < peak_6n < plan_6n, (peak_n, plan_n, peak_6n, plan_6n)
-    # The 6N stack is 39 MiB larger and is swept whole (a memory-mapped read kept all of it); the
-    # peak grows by no more than the table the plan measured, up to 16 MiB of noise.
-    assert peak_6n - peak_n < (plan_6n - plan_n) + 16 * mib, (peak_n, peak_6n, plan_n, plan_6n)
+    # The same blocks: the plan grows only by the STAR table held (measured with the runtime, ~2 KB a row).
+    assert abs(plan_15n - plan_n) < (large - small) * 3 * 1024, (plan_n, plan_15n)
+    print(f"planned {plan_n / mib:.0f} / {plan_15n / mib:.0f} MiB, peak {peak_n / mib:.0f} / {peak_15n / mib:.0f} MiB")
+    assert 0.6 * plan_n < peak_n < plan_n and 0.6 * plan_15n < peak_15n < plan_15n, (peak_n, plan_n, peak_15n, plan_15n)
+    # The larger stack is 107 MiB more and is swept whole (a memory-mapped read kept all of it, so the
+    # peak grew by the stack). The peak grows by the table the plan measured, and by less than half
+    # the extra stack: the peaks of identical runs differ by up to ~40 MiB (XLA's compile threads).
+    extra_stack = (large - small) * box * box * 4
+    assert peak_15n - peak_n < (plan_15n - plan_n) + extra_stack / 2, (peak_n, peak_15n, plan_n, plan_15n)
 
 
 def test_step_scratch_estimate_bounds_xla_memory_analysis():
