@@ -31,7 +31,6 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

@@ -25,7 +25,6 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -2,7 +2,7 @@
 (K: init_samples variants; x: skip the warm-up variant; y: skip psgd-exact). Run from the repository root."""
 import sys, time, json
 sys.path.insert(0, "benchmarks")
-import jax, numpy as np
+import jax
 from convergence import make_data, least_squares, make_full_loss, fractional_epochs_to
 from jaxcryo.loss import Problem
 from jaxcryo.forward import FourierGrid

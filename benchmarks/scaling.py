@@ -32,7 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def child(args):
     """One run: random particles (seeded), reconstruct, print one JSON line."""
     import jax
-    import jax.numpy as jnp
 
     import jaxcryo as jc
 

@@ -477,7 +477,7 @@ def test_missing_voltage_stops_naming_the_column(sim, tmp_path, capsys):
 def test_pose_only_star_for_project_and_condition(sim, tmp_path, capsys):
     """project and condition read no images: a STAR without rlnImageName (relion_project --ang's input) works,
     and gives what the full STAR gives; reconstruct refuses it, naming the column."""
-    full = _star_variant(sim, tmp_path, "full.star")
+    _star_variant(sim, tmp_path, "full.star")
     poses = _star_variant(sim, tmp_path, "poses.star", drop_particles=["rlnImageName"])
     for name in ("full", "poses"):
         code, _, err = run(["project", tmp_path / "truth.mrc", "--star", tmp_path / f"{name}.star", "--out",

@@ -94,7 +94,6 @@ def test_hutchinson_diagonal_error_shrinks_like_one_over_sqrt_probes():
 def test_nearest_hutchinson_is_exact():
     box = 10
     parts = uniform_particles(100, seed=4)
-    problem = Problem(grid=FourierGrid(box), interpolation="nearest")
     rep = conditioning_report(parts, box, interpolation="nearest", n_probes=2, batch_size=50)
     # nearest slicing has a diagonal Hessian, so z * Hz = diag(H) for any +-1 probe
     assert rep["hutchinson_error"]["relative_error"][0] < 1e-5

@@ -114,7 +114,7 @@ def test_round_trip_31_is_exact(tmp_path):
     assert back.star_path == str(star)
     # Stacks inside the STAR's folder are written relative, others absolute.
     text = star.read_text()
-    assert f"@Extract/stack.mrcs " in text
+    assert "@Extract/stack.mrcs " in text
     assert f"@{tmp_path.parent}/{tmp_path.name}_elsewhere/other.mrcs " in text
     assert "_rlnImageDimensionality" in text and "opticsGroup2" in text
     assert os.listdir(tmp_path) == ["out.star"]  # no temporary file left
