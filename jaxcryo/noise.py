@@ -87,6 +87,16 @@ def estimate_noise(params, particles: Particles, problem: Problem, *, n_groups: 
     return jnp.where(pixels > 0, power / jnp.maximum(pixels, 1e-30), jnp.nan)
 
 
+def sigma2_from_sums(power, pixels, *, pool_empty: bool = False) -> np.ndarray:
+    """sigma^2 (G, S) from residual sums (G, S) of :func:`residual_power` (pooled over half-sets
+    and devices first): power / pixels, and where a group has no pixels in a shell NaN, or with
+    ``pool_empty`` the pooled spectrum of the other groups (what a pose search needs: a value
+    for every pixel)."""
+    power, pixels = np.asarray(power, np.float64), np.asarray(pixels, np.float64)
+    fill = power.sum(0) / np.maximum(pixels.sum(0), 1e-30) if pool_empty else np.full(power.shape[1:], np.nan)
+    return np.where(pixels > 0, power / np.maximum(pixels, 1e-30), fill[None])
+
+
 def shell_weights_from_sigma2(sigma2, grid: FourierGrid, *, group_counts=None, floor: float = 1e-3) -> np.ndarray:
     """Loss weights (G, n_shells) from noise powers: 1/sigma^2, floored and normalised.
 

@@ -26,7 +26,7 @@ from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import default_alpha, half_volume_weights
 from jaxcryo.loss import Problem, batched, data_loss_sum, loss, subset, sum_over_batches, value_grad_hvp
 from jaxcryo.noise import (NOISE_MODELS, n_noise_groups, noise_moved, residual_power, shell_weights_from_sigma2,
-                           with_noise_weights)
+                           sigma2_from_sums, with_noise_weights)
 from jaxcryo.optim import armijo, has_hutchinson, scale_by_hutchinson, seed_hutchinson
 
 METHODS = ("psgd", "psgd-exact", "sgd", "adam", "normal")
@@ -610,7 +610,7 @@ def reconstruct(particles: "Particles | ParticleBlocks", config: Config | None =
             if not seconds:
                 seconds = time.perf_counter() - t0  # the first block: mostly compilation
         power, pixels = power_h.sum(0), pixels_h.sum(0)
-        sigma2 = np.where(pixels > 0, power / np.maximum(pixels, 1e-30), np.nan)
+        sigma2 = sigma2_from_sums(power, pixels)
         per_image = grid.multiplicity.sum()
         return sigma2, pixels.sum(1) / per_image, (power_h, pixels_h.sum((1, 2)) / per_image), seconds
 
@@ -954,7 +954,7 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
         sample = _stack_groups_numpy(particles, groups[:, :min(noise_sample, groups.shape[1])])
         power, pixels = jax.jit(jax.vmap(lambda p, s: residual_power(p, s, data, n_groups=n_noise)))(x0[:g], sample)
         power, pixels = np.asarray(power, np.float64).sum(0), np.asarray(pixels, np.float64).sum(0)
-        sigma2 = np.where(pixels > 0, power / np.maximum(pixels, 1e-30), np.nan)
+        sigma2 = sigma2_from_sums(power, pixels)
         counts = None if noise_group is None else np.bincount(noise_group, minlength=n_noise)
         weights = shell_weights_from_sigma2(sigma2, grid, group_counts=counts)
         history["noise_sigma2"] = [[float(x) for x in row] for row in np.atleast_2d(sigma2)]

@@ -39,13 +39,13 @@ from jaxcryo.forward.slicing import FourierGrid
 from jaxcryo.fsc import fsc, resolution
 from jaxcryo.geometry import spherical_mask
 from jaxcryo.loss import Problem, batched, data_loss_sum, subset
-from jaxcryo.noise import n_noise_groups, pixel_shells, residual_power
+from jaxcryo.noise import n_noise_groups, pixel_shells, residual_power, sigma2_from_sums
 from jaxcryo.reconstruct import (BlockLayout, ParticleBlocks, ReconState, Reconstruction, _split_halves,
                                  _stack_groups, finish, group_functions, make_optimizer, reconstruct_normal,
                                  wiener_shell_lam)
 
 __all__ = ["PoseState", "PoseSearch", "RefineState", "Refinement", "make_pose_stage", "refine", "pose_stage_bytes",
-           "default_chunk", "lowpass", "resample_map", "rotation_angle_deg", "noise_spectrum"]
+           "default_chunk", "lowpass", "resample_map", "rotation_angle_deg"]
 
 
 class PoseState(NamedTuple):
@@ -277,28 +277,6 @@ def _apply_mask(params, mask, interpolation):
 # ----------------------------------------------------------------------------- noise and scale
 
 
-def _sigma2(power, pixels) -> np.ndarray:
-    """sigma^2 (G, S) from residual sums (G, S) (see :func:`jaxcryo.noise.residual_power`); a
-    group without images takes the pooled spectrum of the others."""
-    power, pixels = np.asarray(power, np.float64), np.asarray(pixels, np.float64)
-    pooled = power.sum(0) / np.maximum(pixels.sum(0), 1e-30)
-    return np.where(pixels > 0, power / np.maximum(pixels, 1e-30), pooled[None])
-
-
-def noise_spectrum(params, particles: Particles, problem: Problem, batch_size: int = 256):
-    """sigma^2 = E|noise|^2 of a Fourier pixel, per noise group (``particles.noise_group``, e.g.
-    the optics group) and shell, (G, r_max + 1): the mean residual power at the particles'
-    poses (:func:`jaxcryo.noise.residual_power`, the estimate reconstruct uses), or with
-    ``params`` None of the images themselves (an upper bound on the noise, used before a map
-    fits them)."""
-    grid = problem.grid
-    if params is None:
-        params = jnp.zeros(grid.volume_shape + (2,), particles.data.dtype)
-    fn = jax.jit(lambda v, p: residual_power(v, p, problem, n_groups=n_noise_groups(particles),
-                                             batch_size=batch_size))
-    return _sigma2(*fn(params, particles))
-
-
 def _pixel_weights(sigma2, grid: FourierGrid, dtype):
     """multiplicity / sigma^2 per noise group and pixel, (G, P) (sigma^2 (G, S) or (S,): E|noise|^2
     of a pixel): the log-likelihood -sum w |y - cPv|^2 / 2 is then the real-space Gaussian
@@ -486,8 +464,6 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
     epochs = cfg.epochs_or(12)
     sym = {}
     if str(symmetry).upper() != "C1":
-        if "symmetry" not in {f.name for f in dataclasses.fields(Problem)}:
-            raise NotImplementedError("symmetry other than C1 needs jaxcryo.symmetry (Problem.symmetry)")
         sym = {"symmetry": symmetry}  # the volume step symmetrises; poses are searched over all of SO(3)
     grid = FourierGrid(box)
     streamed = isinstance(particles, ParticleBlocks)
@@ -576,8 +552,8 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
             for pos, block in stat_blocks():
                 _put_rows(rotations, pos, np.asarray(block.rotations))
         pose_state = PoseState(jnp.asarray(rotations), jnp.zeros((g, m, 2), dtype), jnp.zeros((g, m), dtype))
-        sigma2_0 = _sigma2(*_block_sums(lambda b, rows: power_sums(jnp.zeros_like(params), b, rows),
-                                        stat_blocks(), pose_state))
+        sigma2_0 = sigma2_from_sums(*_block_sums(lambda b, rows: power_sums(jnp.zeros_like(params), b, rows),
+                                                 stat_blocks(), pose_state), pool_empty=True)
         history = {"epoch": [], "loss": [], "seconds": [], "resolution_angstrom": [], "angular_step_deg": [],
                    "shift_step_px": [], "r_limit": [], "mean_pose_change_deg": [], "mode": [],
                    "sigma2": [sigma2_0.tolist()],
@@ -686,7 +662,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
                                                    axis=tuple(range(1, params.ndim)))))
         shell_lam = wiener_shell_lam(curve, np.asarray(data_diag), box, r_max=grid.radius)
         problem = dataclasses.replace(problem, shell_lam=tuple(float(x) for x in shell_lam))
-        sig = _sigma2(*power)
+        sig = sigma2_from_sums(*power, pool_empty=True)
         elapsed += time.perf_counter() - t0
 
         res_shell = box * pixel_size_angstrom / res

@@ -13,7 +13,8 @@ from jaxcryo.curvature import batch_exact_diagonal
 from jaxcryo.forward import FourierGrid
 from jaxcryo.forward.model import volume_to_ft
 from jaxcryo.loss import Problem, image_pixel_weights, loss, per_image_loss, subset
-from jaxcryo.noise import estimate_noise, pixel_shells, residual_power, shell_weights_from_sigma2, with_noise_weights
+from jaxcryo.noise import (estimate_noise, pixel_shells, residual_power, shell_weights_from_sigma2, sigma2_from_sums,
+                           with_noise_weights)
 from jaxcryo.reconstruct import half_sets, make_full_loss
 
 BOX, PX, N = 24, 3.0, 1200
@@ -140,6 +141,14 @@ def test_residuals_at_the_true_map_recover_each_groups_spectrum(coloured):
     weighted = with_noise_weights(problem, weights)
     want = float(jnp.sum(some.weight * _per_image_loss(vft, some, weighted)))
     np.testing.assert_allclose(float(np.sum(weights * np.asarray(power))), want, rtol=1e-5)
+    # sigma^2 from the sums: the group that has images keeps its own; the empty one is NaN, or
+    # with pool_empty the pooled spectrum (here the other group's)
+    only_first = subset(particles, jnp.flatnonzero(particles.noise_group == 0)[:10])
+    power, pixels = residual_power(vft, only_first, problem, n_groups=2, batch_size=4)
+    sigma2 = sigma2_from_sums(power, pixels)
+    np.testing.assert_allclose(sigma2[0], np.asarray(power[0]) / np.asarray(pixels[0]), rtol=1e-6)
+    assert np.isnan(sigma2[1]).all()
+    np.testing.assert_allclose(sigma2_from_sums(power, pixels, pool_empty=True), sigma2[[0, 0]], rtol=1e-12)
 
 
 def test_reconstruct_with_the_estimated_model_beats_white(coloured):

@@ -96,10 +96,8 @@ def test_pose_stage_finds_grid_poses_and_expands_the_batch(simulated):
 
 def test_pose_stage_scores_each_image_with_its_noise_groups_weights(simulated):
     """The noise model feeds the pose search: with weights per noise group (G, P), each image is
-    scored with its own group's row (the same posteriors as scoring it alone with that row), and
-    refine's noise spectrum is estimated per group (two groups of noise at sigma 1 and 2)."""
-    from jaxcryo.refine import noise_spectrum
-
+    scored with its own group's row (the same posteriors as scoring it alone with that row).
+    The spectra per group come from jaxcryo.noise (tested in test_noise)."""
     truth, sim = simulated
     grid = FourierGrid(BOX)
     vft = jc.volume_to_ft(jnp.asarray(truth), "trilinear")
@@ -120,15 +118,6 @@ def test_pose_stage_scores_each_image_with_its_noise_groups_weights(simulated):
                                    np.asarray(alone.weight).reshape(-1, 3), rtol=1e-4, atol=1e-6)
     # The sharper group's posteriors are more peaked (the weights really differ per image).
     assert np.asarray(new.max_prob)[1::2].mean() > np.asarray(new.max_prob)[0::2].mean()
-
-    rng = np.random.default_rng(3)
-    noise = rng.normal(size=(40, grid.n_pixels, 2)).astype(np.float32) * np.where(np.arange(40) % 2, 2.0, 1.0)[:, None, None]
-    pure = parts._replace(data=jnp.asarray(noise), weight=jnp.ones(40), noise_group=jnp.asarray(np.arange(40) % 2),
-                          rotations=jnp.broadcast_to(jnp.eye(3), (40, 3, 3)),
-                          ctf=jax.tree.map(lambda x: jnp.repeat(x[:1], 40, axis=0), parts.ctf))
-    sigma2 = noise_spectrum(None, pure, jc.Problem(grid=grid))
-    assert sigma2.shape == (2, grid.radius + 1)
-    np.testing.assert_allclose(sigma2[1, 1:] / sigma2[0, 1:], 4.0, rtol=0.35)
 
 
 def test_global_search_with_a_shift_window_around_the_current_shift(simulated):
