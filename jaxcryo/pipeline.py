@@ -554,8 +554,6 @@ def reconstruct_streaming(table: ParticleTable, stack: ParticleStack, *, box: in
     the run is the in-memory one; with smaller blocks only the minibatches differ (drawn within
     blocks). Memory: :func:`plan_streaming_bytes`.
     """
-    if settings.get("method") == "normal":
-        raise InputError("--method normal needs every particle in memory; use --method psgd with streaming")
     source = StreamedBlocks(table, stack, FourierGrid(box), chunk_size=chunk_size, prefetch=prefetch)
     return reconstruct(source, box=box, pixel_size_angstrom=pixel_size_angstrom, **settings)
 

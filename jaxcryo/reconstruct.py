@@ -499,8 +499,6 @@ def reconstruct(particles: "Particles | ParticleBlocks", config: Config | None =
     if noise_model not in NOISE_MODELS:
         raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {noise_model!r}")
     if isinstance(method, str) and method == "normal":
-        if isinstance(particles, ParticleBlocks):
-            raise ValueError("method 'normal' needs every particle in memory (a Particles set); use 'psgd'")
         return reconstruct_normal(particles, box=box, pixel_size_angstrom=pixel_size_angstrom,
                                   interpolation=interpolation, rounds=epochs, batch_size=batch_size, lam=lam,
                                   r_max=r_max, halves=halves, seed=seed, wiener=wiener_after > 0, resume=resume,
@@ -818,7 +816,7 @@ def least_squares(particles: Particles, problem: Problem, *, iters: int = 100, b
     return x, {"iters": int(k), "relative_residual": float(rel)}
 
 
-def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: float,
+def reconstruct_normal(particles: "Particles | ParticleBlocks", *, box: int, pixel_size_angstrom: float,
                        interpolation: str = "trilinear", rounds: int = 2, batch_size: int = 256,
                        lam: float = 1e-4, r_max: int | None = None, halves: bool = True, seed: int = 0,
                        wiener: bool = True, cg_iters: int = 50, cg_tol: float = 1e-4,
@@ -851,6 +849,11 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     white by more than ``noise_tol`` the equations are accumulated again with 1/sigma^2 weights
     (one more pass), else the white equations are kept. One process (any number of its devices);
     with several processes the equations stay white (said in the history).
+
+    ``particles`` may be a :class:`ParticleBlocks` source (e.g. streamed from disk): the
+    equations are sums over particles, so each block of :meth:`BlockLayout.fixed` is accumulated
+    and the sums added; the noise sample is the first block's first rows. With one block
+    holding every particle the result is the in-memory one.
     """
     from jaxcryo import normal
 
@@ -858,25 +861,27 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
         raise ValueError(f"method 'normal' needs nearest or trilinear slicing, got {interpolation!r}")
     grid = FourierGrid(box, r_max)
     problem = Problem(grid=grid, interpolation=interpolation, lam=lam, symmetry=symmetry)
-    dtype = particles.data.dtype
+    from_blocks = isinstance(particles, ParticleBlocks)
+    dtype = jnp.dtype(particles.dtype if from_blocks else particles.data.dtype)
     key = jax.random.PRNGKey(seed)
     split_key, key = jax.random.split(key)
     if mesh is None and (jax.process_count() > 1 or (devices or jax.local_device_count()) > 1):
         mesh = dist.make_mesh(devices)
     if mesh is not None and jax.process_count() == 1 and dist.n_devices(mesh) == 1:
         mesh = None
-    n = particles.weight.shape[0] if share is None else share.n_total
+    n = particles.n_particles if from_blocks else (particles.weight.shape[0] if share is None else share.n_total)
     # ``groups``: the half-sets' rows (G, m), -1 padded, when the caller fixes them (refine's
     # final solve over several candidate rows per particle); else drawn from the seed.
     groups = _split_halves(split_key, n, halves) if groups is None else np.asarray(groups)
     g = groups.shape[0]
     batch_size = int(min(batch_size, groups.shape[1]))
-    noise_group = None if particles.noise_group is None else np.asarray(particles.noise_group)
-    n_noise = n_noise_groups(particles)
+    noise_group = None if from_blocks or particles.noise_group is None else np.asarray(particles.noise_group)
+    n_noise = particles.n_noise_groups if from_blocks else n_noise_groups(particles)
     if resume is not None and resume.history.get("noise_weights") is not None:
         problem = with_noise_weights(problem, resume.history["noise_weights"])
     data = problem.data_only()
 
+    @jax.jit
     def with_union(neq):
         """Append the union of the half-sets (the map's system) and return the diagonals."""
         if g == 2:
@@ -888,21 +893,46 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
     # JAX ops compile one by one (they were half of a 20,000-particle run's time).
     # A new function per objective: jit caches traces by function, so one closure over a
     # reassigned `data` would silently reuse the first objective's trace.
-    if mesh is None:
-        stacked = _stack_groups_numpy(particles, groups)
+    if from_blocks:
+        rows_list = BlockLayout(groups, particles.block_size).fixed()
 
-        def make_accumulate(prob):
-            def accumulate(st):
-                return with_union(jax.lax.map(lambda p: normal.accumulate(p, prob, batch_size), st))
-            return accumulate
+        def blocks():
+            return particles.blocks(rows_list, mesh)
     else:
-        stacked = dist.shard_groups(particles, groups, mesh, share)
+        stacked = (_stack_groups_numpy(particles, groups) if mesh is None
+                   else dist.shard_groups(particles, groups, mesh, share))
 
-        def make_accumulate(prob):
+        def blocks():
+            return [stacked]
+
+    def make_accumulate(prob):
+        if mesh is None:
             def accumulate(st):
-                return with_union(jax.lax.map(
-                    lambda p: normal.accumulate(p, prob, batch_size, axis_name=dist.AXIS), st))
-            return dist.shard(accumulate, mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P())
+                return jax.lax.map(lambda p: normal.accumulate(p, prob, batch_size), st)
+            return accumulate
+
+        def accumulate(st):
+            return jax.lax.map(lambda p: normal.accumulate(p, prob, batch_size, axis_name=dist.AXIS), st)
+        return dist.shard(accumulate, mesh, in_specs=dist.P(None, dist.AXIS), out_specs=dist.P())
+
+    sample_rows = min(noise_sample, groups.shape[1])
+
+    def accumulate_all(prob):
+        """The half-sets' equations summed over the blocks (with the union's and the diagonals),
+        the seconds spent compiling, and the noise sample (the first block's first rows)."""
+        fn, seconds, total, sample = None, 0.0, None, None
+        for block in blocks():
+            if fn is None:
+                t0 = time.perf_counter()
+                fn = jax.jit(make_accumulate(prob)).lower(block).compile()
+                seconds = time.perf_counter() - t0
+                sample = jax.tree.map(lambda x: np.asarray(x)[:, :sample_rows], block)
+            part = fn(block)
+            if mesh is not None:
+                part = dist.to_local(part)
+            total = part if total is None else normal.combine(total, part)
+        neq, diag = with_union(total)
+        return neq, np.asarray(diag), seconds, sample
     shape = grid.volume_shape + (1,)
 
     def reg_of(prob):
@@ -914,14 +944,9 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
         return x, k, rel, value, ft_to_volume(x, interpolation)
 
 
-    t0 = time.perf_counter()
-    acc_compiled = jax.jit(make_accumulate(data)).lower(stacked).compile()
-    compile_seconds = time.perf_counter() - t0
     t_start = time.perf_counter()
-    neq, data_diag = acc_compiled(stacked)
-    if mesh is not None:
-        neq, data_diag = dist.to_local((neq, data_diag))
-    data_diag = np.asarray(data_diag)
+    neq, data_diag, compile_seconds, sample = accumulate_all(data)
+    t_start += compile_seconds
     # The sample is drawn from this process's rows: all of them unless several processes share.
     estimate_noise_now = (noise_model == "estimate" and resume is None and share is None
                           and jax.process_count() == 1)
@@ -951,11 +976,12 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
         # sigma^2 per noise group and shell from the residuals of a sample of each half-set at
         # its white half-map; re-accumulate only when the spectrum is not white.
         x0 = solve_groups(neq, reg_of(problem), cold)[0]
-        sample = _stack_groups_numpy(particles, groups[:, :min(noise_sample, groups.shape[1])])
         power, pixels = jax.jit(jax.vmap(lambda p, s: residual_power(p, s, data, n_groups=n_noise)))(x0[:g], sample)
         power, pixels = np.asarray(power, np.float64).sum(0), np.asarray(pixels, np.float64).sum(0)
         sigma2 = sigma2_from_sums(power, pixels)
-        counts = None if noise_group is None else np.bincount(noise_group, minlength=n_noise)
+        # images per noise group: of the whole set in memory; of a block source, in the sample
+        counts = (np.bincount(noise_group, minlength=n_noise) if noise_group is not None
+                  else np.asarray(pixels.sum(1) / grid.multiplicity.sum()) if from_blocks else None)
         weights = shell_weights_from_sigma2(sigma2, grid, group_counts=counts)
         history["noise_sigma2"] = [[float(x) for x in row] for row in np.atleast_2d(sigma2)]
         if np.nanmax(np.abs(weights - 1.0)) > noise_tol:
@@ -963,12 +989,9 @@ def reconstruct_normal(particles: Particles, *, box: int, pixel_size_angstrom: f
             history["noise_weights"] = [[float(x) for x in row] for row in np.atleast_2d(weights)]
             data = problem.data_only()
             t1 = time.perf_counter()
-            acc_compiled = jax.jit(make_accumulate(data)).lower(stacked).compile()
-            compile_seconds += time.perf_counter() - t1
-            neq, data_diag = acc_compiled(stacked)
-            if mesh is not None:
-                neq, data_diag = dist.to_local((neq, data_diag))
-            data_diag = np.asarray(data_diag)
+            neq, data_diag, seconds, _ = accumulate_all(data)
+            compile_seconds += seconds
+            t_start += seconds
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     elapsed += t1 - t_start  # the accumulation
     history["compile_seconds"] = compile_seconds
