@@ -657,7 +657,7 @@ def _refine(args) -> int:
                                   format_bytes, load_checkpoint, load_particles, open_particles, plan_memory,
                                   plan_streaming, refine_state_template, runtime_memory_bytes, save_checkpoint,
                                   write_refined_particles, REFINE_PROGRAMS_BYTES, limit_heap_growth)
-    from jaxcryo.refine import PoseState, RefineState, pose_stage_bytes, resample_map
+    from jaxcryo.refine import PoseState, RefineState, final_solve_bytes, pose_stage_bytes, resample_map
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
@@ -712,16 +712,21 @@ def _refine(args) -> int:
         # Streamed from disk when asked, or when the set does not fit in memory but its blocks do.
         splan = plan_streaming(box, n_images=n, chunk_size=args.chunk_size, batch_size=args.batch_size,
                                interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
-        stream = args.stream or (plan.in_memory_bytes + extra > limit >= splan.in_memory_bytes + extra)
+        solve = {mode: final_solve_bytes(images, box, top_k=args.top_k, interpolation=args.interpolation)
+                 for mode, images in (("memory", n), ("stream", min(n, args.chunk_size)))}
+        stream = args.stream or (plan.in_memory_bytes + extra + solve["memory"] > limit
+                                 >= splan.in_memory_bytes + extra + solve["stream"])
         used = splan if stream else plan
-        needed = used.in_memory_bytes + extra
+        final = solve["stream" if stream else "memory"]
+        needed = used.in_memory_bytes + extra + final
         how = (f"streaming blocks of {args.chunk_size} images from disk: {splan.describe('blocks in flight')}"
                if stream else f"in memory: {plan.describe()}")
         _say(args, f"jaxcryo refine: {n} particles, {box} px, {px:g} Å/px, from {os.path.basename(args.reference)} "
                    f"low-passed to {args.initial_lowpass:g} Å, {'local' if args.local else 'global then local'} "
                    f"searches, at most {args.epochs} epochs; memory needed about {format_bytes(needed)} "
-                   f"({how}, plus {format_bytes(scratch)} of pose-stage scratch and "
-                   f"{format_bytes(REFINE_PROGRAMS_BYTES)} of refine's compiled epochs), limit {format_bytes(limit)}")
+                   f"({how}, plus {format_bytes(scratch)} of pose-stage scratch, "
+                   f"{format_bytes(REFINE_PROGRAMS_BYTES)} of refine's compiled epochs and {format_bytes(final)} "
+                   f"of the final solve), limit {format_bytes(limit)}")
         if needed > limit:
             raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, above the "
                              f"limit of {format_bytes(limit)}; lower --chunk-size, --batch-size or --global-order, "
@@ -1118,8 +1123,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images read at a time (streamed: images per block)")
     ref.add_argument("--stream", action="store_true",
                      help="read the particles from disk in blocks every pass instead of holding them in memory "
-                          "(automatic when they do not fit under --max-memory-gb but the blocks do); the maps "
-                          "are then the psgd iterates (the final exact solve needs every particle in memory)")
+                          "(automatic when they do not fit under --max-memory-gb but the blocks do); the final "
+                          "solve reads them once more (twice with a coloured noise model)")
     ref.add_argument("--keep-checkpoint", action="store_true",
                      help="keep MAP.ckpt.npz after a successful run (to extend it later with a larger --epochs)")
     ref.add_argument("--datadir", default=None, metavar="DIR",

@@ -21,6 +21,7 @@ changing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -221,6 +222,21 @@ def pose_stage_bytes(batch_size: int, box: int, *, global_order: int = 2, max_sh
     return int(groups * (scores + expanded))
 
 
+def final_solve_bytes(images: int, box: int, *, top_k: int = 4, groups: int = 2, interpolation: str = "trilinear",
+                      dtype_bytes: int = 4) -> int:
+    """Memory of the final solve beyond the epochs' (:func:`jaxcryo.reconstruct.reconstruct_normal`
+    over each image's top-K candidates): the candidates of ``images`` images (the whole set in
+    memory; one block streamed) as Fourier pairs with poses and CTF, the block they come from,
+    and the normal equations: one accumulation table per half-set (43 floats per full-grid voxel
+    trilinear, 3 nearest) and the stencils and right-hand sides of the half-sets and their union
+    (29 and 5 floats)."""
+    grid = FourierGrid(box)
+    per_pair = (grid.n_pixels * 2 + 9 + 9 + 1 + 1) * dtype_bytes
+    table, system = (43, 29) if interpolation == "trilinear" else (3, 5)
+    voxels = box ** 3
+    return int((top_k + 1) * images * per_pair + (groups * table + (groups + 1) * system) * voxels * dtype_bytes)
+
+
 # ----------------------------------------------------------------------------- maps
 
 
@@ -412,8 +428,8 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         either way: each block is swept by the same compiled block function as
         :func:`jaxcryo.reconstruct.reconstruct`'s, with its rows of the pose state; statistics
         (exact diagonal, noise per group, loss) are sums over the blocks. One block holding every
-        particle is the in-memory run. Streamed, the maps are the psgd iterates (``final_solve``
-        needs every particle in memory).
+        particle is the in-memory run. Streamed, the final solve reads the blocks again, each
+        block's final pose pass feeding the normal equations as it is read.
       reference: real (box, box, box) starting map at ``pixel_size_angstrom`` (see
         :func:`resample_map`); it is low-passed to ``initial_lowpass_angstrom`` (no coarser
         than Fourier shell 2) and, with ``scale_reference``, scaled to the images' signal power.
@@ -702,7 +718,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
 
     state = RefineState(ReconState(state.recon.epoch if history["epoch"] else 0, params, opt_state, keys, history),
                         pose_state)
-    if final_solve and not streamed and interpolation in ("nearest", "trilinear") and history["epoch"]:
+    if final_solve and interpolation in ("nearest", "trilinear") and history["epoch"]:
         # As RELION's last iteration: one more pose pass at the converged maps, oversampled
         # (local, half the last steps), keeping each image's top K poses with their posterior
         # weights; the maps are then solved exactly over those rows (marginalised poses).
@@ -716,32 +732,37 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
                 * r_mask(last["r_limit"]),
                 "step_deg": jnp.asarray(history["angular_step_deg"][-1] / 2, dtype),
                 "shift_step_px": jnp.asarray(history["shift_step_px"][-1] / 2, dtype)}
-        expanded, pose_state = _final_pose_pass(search, grid, params, stacked, pose_state, args, batch_size)
-        history["final_pose_pass_seconds"] = time.perf_counter() - t0
-        state = RefineState(state.recon._replace(history=history), pose_state)
         k = top_k
         rows_k = np.where(groups[..., None] >= 0,
                           (np.arange(g)[:, None, None] * m + np.arange(m)[None, :, None]) * k + np.arange(k), -1)
-        recon = _final_reconstruction(expanded, rows_k.reshape(g, m * k), state.recon, mask, box=box,
-                                      pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
-                                      lam=lam, seed=seed, symmetry=symmetry, devices=devices, mesh=mesh)
+        if layout.n_blocks == 1:  # every particle in memory: one pass, kept for the solve
+            expanded, pose_state = _final_pose_pass(search, grid, params, stacked, pose_state, args, batch_size)
+            history["final_pose_pass_seconds"] = time.perf_counter() - t0
+        else:  # streamed: each block's pass as the solve reads it (a block source of candidates)
+            expanded = _CandidateBlocks(particles, groups, search, grid, params, pose_state, args, batch_size)
+        recon = _final_reconstruction(expanded, rows_k.reshape(g, m * k), state.recon._replace(history=history),
+                                      mask, box=box, pixel_size_angstrom=pixel_size_angstrom,
+                                      interpolation=interpolation, lam=lam, seed=seed, symmetry=symmetry,
+                                      devices=devices, mesh=mesh)
+        if layout.n_blocks > 1:
+            pose_state = expanded.pose_state
+        state = RefineState(recon.state, pose_state)
     else:
         recon = finish(state.recon, interpolation, pixel_size_angstrom)
     rot, shift, prob, half = _unstack_poses(pose_state, groups, n)
     return Refinement(recon, rot, shift, prob, half, state)
 
 
-def _final_pose_pass(search: PoseSearch, grid: FourierGrid, params, stacked: Particles, pose_state: PoseState,
-                     args, batch_size: int):
-    """The pose stage ``search`` over every particle of each half-set at its half-map: the
-    expanded rows (G * m * K, particle-major: position j's K candidates at rows j K .. j K + K - 1
-    of its half-set's block) with posterior weights, and the new pose state (the best of them)."""
+@functools.lru_cache(maxsize=4)
+def _final_pass_fn(search: PoseSearch, grid: FourierGrid, batch_size: int):
+    """The final pose pass over one half-set's block (compiled once per shape)."""
     stage = make_pose_stage(search, grid)
-    g, m = pose_state.max_prob.shape
     k = search.top_k
 
     @jax.jit
     def one_half(p, part, rows, args):
+        m = part.weight.shape[0]
+
         def body(idx):
             r = jax.tree.map(lambda x: x[jnp.maximum(idx, 0)], rows)
             return stage(p, subset(part, idx), r, None, args)
@@ -749,12 +770,73 @@ def _final_pose_pass(search: PoseSearch, grid: FourierGrid, params, stacked: Par
         expanded = jax.tree.map(lambda x: x.reshape((-1, k) + x.shape[2:])[:m].reshape((m * k,) + x.shape[2:]),
                                 expanded)
         return expanded, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:m], new)
+    return one_half
 
+
+def _final_pose_pass(search: PoseSearch, grid: FourierGrid, params, stacked: Particles, pose_state: PoseState,
+                     args, batch_size: int):
+    """The pose stage ``search`` over every particle of each half-set at its half-map: the
+    expanded rows (G * m * K, particle-major: position j's K candidates at rows j K .. j K + K - 1
+    of its half-set's block) with posterior weights, and the new pose state (the best of them)."""
+    one_half = _final_pass_fn(search, grid, int(min(batch_size, stacked.weight.shape[1])))
+    g = pose_state.max_prob.shape[0]
     outs = [one_half(params[i], jax.tree.map(lambda x: x[i], stacked), jax.tree.map(lambda x: x[i], pose_state), args)
             for i in range(g)]
     expanded = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[o[0] for o in outs])
     new = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[1] for o in outs])
     return expanded, new
+
+
+class _CandidateBlocks(ParticleBlocks):
+    """The final pose pass of a block source, as a block source for the final solve.
+
+    Row r of this set is candidate r % K of half-set position (r // K) % m of half-set
+    r // (m K) (the rows of the in-memory pass, :func:`_final_pose_pass`). Each block asked for
+    reads its particles from ``source``, runs the pass on them at their half-map and hands out
+    the candidates asked for; the best poses are written to ``pose_state`` as they come (the
+    searches start from the poses given, so a position in two blocks, or a second sweep for the
+    solve's noise-weighted accumulation, gets the same candidates). The pass runs on one device; the blocks are sharded over ``mesh`` afterwards.
+    """
+
+    def __init__(self, source: ParticleBlocks, groups, search: PoseSearch, grid: FourierGrid, params,
+                 pose_state: PoseState, args, batch_size: int):
+        self.source, self.groups, self.search, self.grid = source, np.asarray(groups), search, grid
+        self.params, self.args, self.batch_size = params, args, batch_size
+        self.start = self.pose_state = pose_state  # the pass searches about start, writes pose_state
+        self.k = search.top_k
+        g, self.m = self.groups.shape
+        self.n_particles = g * self.m * self.k
+        self.n_noise_groups, self.dtype = source.n_noise_groups, source.dtype
+        self.block_size = None if source.block_size is None else source.block_size * self.k
+
+    def blocks(self, rows_list, mesh=None):
+        g, m, k = self.groups.shape[0], self.m, self.k
+        for rows in rows_list:
+            rows = np.asarray(rows)
+            c = rows.shape[1]
+            width = -(-c // k) + 1  # positions a block of c candidate rows can touch: one fixed shape
+            real = rows >= 0
+            pos = np.where(real, (rows // k) % m, -1)
+            wanted = -np.ones((g, width), np.int64)
+            for h in range(g):
+                u = np.unique(pos[h][real[h]])
+                wanted[h, :len(u)] = u
+            table_rows = np.where(wanted >= 0, np.take_along_axis(self.groups, np.maximum(wanted, 0), 1), -1)
+            block = next(iter(self.source.blocks([table_rows])))
+            expanded, new = _final_pose_pass(self.search, self.grid, self.params, block,
+                                             _rows_of(self.start, wanted), self.args, self.batch_size)
+            self.pose_state = _scatter_rows(self.pose_state, wanted, new)
+            index = np.zeros((g, c), np.int64)
+            for h in range(g):
+                slot = np.searchsorted(wanted[h][wanted[h] >= 0], np.maximum(pos[h], 0))
+                index[h] = (h * width + slot) * k + rows[h] % k
+            flat = jax.tree.map(lambda x: np.asarray(x)[np.where(real, index, 0).ravel()], expanded)
+            flat = flat._replace(weight=np.where(real.ravel(), flat.weight, 0).astype(flat.weight.dtype))
+            if mesh is None:
+                yield jax.tree.map(lambda x: jnp.asarray(x.reshape((g, c) + x.shape[1:])), flat)
+            else:
+                layout = np.where(real, np.arange(g * c).reshape(g, c), -1)
+                yield dist.shard_groups(flat, layout, mesh)
 
 
 def stop_rule(plan: dict, *, resolution_angstrom: float, mean_change_deg: float, settled_sampling: bool,

@@ -234,7 +234,9 @@ def refine_star(tmp_path_factory):
 def test_refine_streamed_is_the_in_memory_refine(refine_star):
     """Refine on the same driver: streamed with one block holding every particle it is the
     in-memory refine (only the FFT batch differs); with three blocks per pass only the
-    minibatches differ (drawn within blocks): the same quality of poses and map."""
+    minibatches differ (drawn within blocks): the same quality of poses and map. The final solve
+    over streamed blocks (each block's final pose pass feeding the normal equations) is the
+    in-memory one: resumed from the same state, the same poses and maps."""
     import dataclasses
 
     from jaxcryo.io import read_map
@@ -247,12 +249,22 @@ def test_refine_streamed_is_the_in_memory_refine(refine_star):
     true_rot = np.asarray(jc.euler_to_matrix(table.euler_deg), np.float32)
     table = dataclasses.replace(table, shifts_angstrom=np.zeros((len(table), 2)))  # a global search
     grid = FourierGrid(box)
-    kw = dict(box=box, pixel_size_angstrom=px, epochs=4, global_order=1, global_epochs=1, batch_size=50,
-              final_solve=False)
+    kw = dict(box=box, pixel_size_angstrom=px, epochs=4, global_order=1, global_epochs=1, batch_size=50)
     with stack:
-        mem = jc.refine(load_particles(table, stack, grid), truth, **kw)
+        particles = load_particles(table, stack, grid)
+        mem = jc.refine(particles, truth, **kw)
         one = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=10_000), truth, **kw)
         three = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=70), truth, **kw)
+        final_mem = jc.refine(particles, truth, resume=mem.state, **kw)
+        final_three = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=70), truth, resume=mem.state, **kw)
+    assert final_three.reconstruction.history["epoch"] == mem.reconstruction.history["epoch"]  # no epoch ran
+    # the same candidates (poses and posteriors); the maps up to the order of the sums and CG's tolerance
+    np.testing.assert_allclose(final_three.rotations, final_mem.rotations, atol=1e-5)
+    np.testing.assert_allclose(final_three.max_prob, final_mem.max_prob, rtol=1e-4, atol=1e-6)
+    scale = np.abs(final_mem.reconstruction.volume).max()
+    np.testing.assert_allclose(final_three.reconstruction.volume, final_mem.reconstruction.volume, atol=2e-3 * scale)
+    for a, b in zip(final_three.reconstruction.half_maps, final_mem.reconstruction.half_maps):
+        assert fsc(a, b)[1:box // 2].min() > 0.99995
     scale = np.abs(mem.reconstruction.volume).max()
     np.testing.assert_allclose(one.reconstruction.volume, mem.reconstruction.volume, atol=1e-4 * scale)
     np.testing.assert_allclose(one.rotations, mem.rotations, atol=1e-5)
