@@ -140,6 +140,28 @@ def so3_grid(order: int, dtype=np.float32) -> np.ndarray:
     return np.asarray(euler_to_matrix(euler)).astype(dtype)
 
 
+def asymmetric_unit(rotations, symmetry: str, margin_deg: float) -> np.ndarray:
+    """Indices of the grid ``rotations`` (M, 3, 3) that a global search needs for a map with point
+    group ``symmetry``: poses A and A g (g in the group) give the same projection of such a map,
+    so one pose of each orbit suffices.
+
+    The orbits' representatives are taken in the Dirichlet domain about the identity (A closer to
+    I than to any other group element: d(A, I) <= d(A, g)); a grid point is kept when it lies
+    within ``margin_deg`` of that domain: d(A, I) <= min_g d(A, g) + margin_deg. With the margin
+    at twice the grid's covering radius (a point of SO(3) is within that radius of some grid
+    point), every orbit keeps a grid point as close as the full grid's nearest one: the reduced
+    grid covers SO(3)/G as the full grid covers SO(3), with about M / G points (plus the band).
+    """
+    from jaxcryo.symmetry import symmetry_matrices
+
+    group = symmetry_matrices(symmetry)
+    rotations = np.asarray(rotations, np.float64)
+    if group.shape[0] == 1:
+        return np.arange(rotations.shape[0])
+    d = geodesic_distance_deg(rotations[:, None], group[None])  # (M, G): d(A, g), the identity first
+    return np.flatnonzero(d[:, 0] <= d[:, 1:].min(axis=1) + float(margin_deg))
+
+
 def shift_grid(max_px: float, step_px: float, dtype=np.float32) -> np.ndarray:
     """Shifts (S, 2) in pixels on a square lattice of ``step_px`` inside the disk |t| <= max_px.
 

@@ -83,6 +83,35 @@ def test_so3_grid_near_uniform(order):
     assert covering.max() < step  # every rotation lies within one step of the grid
 
 
+@pytest.mark.parametrize("symbol", ["C4", "D3", "I"])
+def test_asymmetric_unit_covers_the_orbits_as_the_full_grid_covers_so3(symbol):
+    """A symmetric map's projections at A and A g are equal, so a global search needs one pose per
+    orbit: the reduced grid (with its orbits) is as close to any rotation as the full grid, and
+    holds about 1/G of it (plus the band along the domain's boundary)."""
+    from jaxcryo.symmetry import symmetry_matrices
+
+    order = 2
+    grid = poses.so3_grid(order).astype(np.float64)
+    step = poses.angular_step_deg(order)
+    group = symmetry_matrices(symbol)
+    keep = poses.asymmetric_unit(grid, symbol, 1.8 * step)
+    orbits = (grid[keep][:, None] @ group[None]).reshape(-1, 3, 3)
+    probes = np.asarray(random_rotations(jax.random.PRNGKey(1), 500), np.float64)
+    # each probe's orbit representative in the domain (its element nearest the identity) has a
+    # nearest full-grid point; the reduced grid's orbits come at least that close to the probe
+    orbit = probes[:, None] @ group[None]  # (n, G, 3, 3)
+    rep = orbit[np.arange(len(probes)), poses.geodesic_distance_deg(orbit, np.eye(3)).argmin(1)]
+    full = poses.geodesic_distance_deg(rep[:, None], grid[None]).min(1)
+    reduced = poses.geodesic_distance_deg(probes[:, None], orbits[None]).min(1)
+    assert np.all(reduced <= full + 1e-3), np.max(reduced - full)
+    assert full.max() < step
+    g = group.shape[0]
+    assert len(grid) / g <= len(keep) < 0.6 * len(grid), (len(keep), len(grid), g)
+    if g == 60:
+        assert len(keep) < len(grid) / 6  # high symmetry: a tenth of the search or less
+    np.testing.assert_array_equal(poses.asymmetric_unit(grid, "C1", step), np.arange(len(grid)))
+
+
 def test_shift_grid():
     s = poses.shift_grid(2.0, 1.0)
     assert s.shape == (13, 2)
