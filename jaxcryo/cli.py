@@ -551,7 +551,9 @@ def _reconstruct(args) -> int:
             raise InputError(f"{args.star}: streaming is single-process; with several processes each one "
                              "holds only its share in memory (raise --max-memory-gb, or add processes)")
         if stream and args.method == "normal":
-            raise InputError(f"{args.star}: --method normal needs every particle in memory; use --method psgd")
+            raise InputError(f"{args.star}: the command line streams --method psgd only (its memory plan for "
+                             "--method normal holds every particle); use --method psgd, or in Python "
+                             "jc.reconstruct(pipeline.StreamedBlocks(...), method='normal')")
 
         if lead:
             make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
