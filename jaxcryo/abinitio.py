@@ -364,7 +364,7 @@ def _draw_and_expand(batch: Particles, scores, pose_of, key, args, n_samples: in
 
 
 def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift_step_px: float, n_samples: int,
-                    interpolation: str, chunk: int = 2048):
+                    interpolation: str, chunk: int = 2048, symmetry: str = "C1"):
     """The ab initio pose stage, with the refine driver's slot signature:
     stage(params, batch, rows, key, args) -> (expanded batch of B * n_samples rows, new rows).
 
@@ -372,7 +372,7 @@ def make_pose_stage(grid: FourierGrid, *, order: int, max_shift_px: float, shift
     (multiplicity / sigma^2) and ``target_fraction``. The new rows hold each image's best pose
     and its posterior probability; ``args`` come back with the temperature used as ``T``.
     """
-    grid_rot = jnp.asarray(poses.so3_grid(order))
+    grid_rot = jnp.asarray(poses.global_grid(order, symmetry))  # an asymmetric unit of the map's group
     grid_shift = jnp.asarray(poses.shift_grid(max_shift_px, shift_step_px))
     n_shift = grid_shift.shape[0]
 
@@ -518,7 +518,8 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
       symmetry: point group (RELION's symbol, :mod:`jaxcryo.symmetry`): the volume step uses
         each image at its pose composed with every group element (as refine and reconstruct),
         so the map is symmetric by construction, with its symmetry axes RELION's (z for Cn);
-        the pose search still covers all of SO(3) (each image's G equivalent poses score alike).
+        the global pose search scores one pose per orbit (:func:`jaxcryo.poses.global_grid`:
+        each image's G equivalent poses would score alike), so about 1/G of the grid.
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
       settings: replace the schedule (a list as :func:`schedule` returns).
       initial: a real (box,)*3 starting map instead of :func:`initial_volume` (e.g. for tests).
@@ -593,7 +594,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
             if mode == "global":
                 stage = make_pose_stage(small, order=s["order"], max_shift_px=s["max_shift_px"],
                                         shift_step_px=s["shift_step_px"], n_samples=n_samples,
-                                        interpolation=interpolation)
+                                        interpolation=interpolation, symmetry=symmetry)
             else:
                 stage = make_local_stage(small, n_samples=n_samples, interpolation=interpolation)
             fn = _make_epoch(problem, tx, stage, batch_size=int(s["batch_size"]), n_probes=probes, exact=exact)

@@ -76,7 +76,7 @@ class PoseSearch:
     particle's current shift (at ``shift_step_px``, total kept within ``max_shift_px``) instead
     of the whole grid about zero: the rotations stay global, the shifts become local.
     symmetry: the map's point group; a global search then scores only the grid's rotations in
-    an asymmetric unit (:func:`jaxcryo.poses.asymmetric_unit`): about 1/G of them.
+    an asymmetric unit (:func:`jaxcryo.poses.global_grid`): about 1/G of them.
     """
 
     mode: str = "global"
@@ -107,15 +107,6 @@ def _shifted(data, shifts_px, grid: FourierGrid):
     return conj_multiply(ramps, y)
 
 
-def global_rotations(order: int, symmetry: str = "C1") -> np.ndarray:
-    """The rotations a global search scores: :func:`jaxcryo.poses.so3_grid` at ``order``, reduced
-    to an asymmetric unit of ``symmetry`` (:func:`jaxcryo.poses.asymmetric_unit`; the grid's
-    covering radius is 0.83 (order 1) to 0.88 (order 2) of its step, so a margin of 1.8 steps
-    keeps every orbit's nearest grid point)."""
-    grid = poses.so3_grid(order)
-    return grid[poses.asymmetric_unit(grid, symmetry, 1.8 * poses.angular_step_deg(order))]
-
-
 def make_pose_stage(search: PoseSearch, grid: FourierGrid):
     """The pose stage of :func:`jaxcryo.reconstruct.make_epoch` for ``search``.
 
@@ -127,7 +118,7 @@ def make_pose_stage(search: PoseSearch, grid: FourierGrid):
     """
     k = search.top_k
     if search.mode == "global":
-        grid_rot = jnp.asarray(global_rotations(search.order, search.symmetry))
+        grid_rot = jnp.asarray(poses.global_grid(search.order, search.symmetry))
         window = search.shift_window_px > 0
         grid_shift = jnp.asarray(poses.shift_grid(search.shift_window_px if window else search.max_shift_px,
                                                   search.shift_step_px))
@@ -466,7 +457,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
       resume, callback: continue from / receive a :class:`RefineState` after every epoch.
       symmetry: point group (RELION symbol): the volume step symmetrises the maps
         (Problem.symmetry) and global searches score the rotations of an asymmetric unit only
-        (about 1/G of the grid: :func:`jaxcryo.poses.asymmetric_unit`).
+        (about 1/G of the grid: :func:`jaxcryo.poses.global_grid`).
       devices, mesh: spread the particles over this many local devices (default: all) or a
         :func:`jaxcryo.distributed.make_mesh` mesh, as :func:`jaxcryo.reconstruct.reconstruct`
         does; the same poses and maps as one device, up to float rounding.
@@ -706,7 +697,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         history["mean_pose_change_deg"].append(mean_change)
         history["mode"].append(mode)
         if mode == "global":
-            history["global_rotations"] = int(global_rotations(global_order, str(symmetry)).shape[0])
+            history["global_rotations"] = int(poses.global_grid(global_order, str(symmetry)).shape[0])
         history["sigma2"].append(sig.tolist())
         history.setdefault("shell_lam", []).append(list(problem.shell_lam))
         history["fsc"] = curve.tolist()
