@@ -259,12 +259,14 @@ def test_refine_streamed_is_the_in_memory_refine(refine_star):
         final_three = jc.refine(StreamedBlocks(table, stack, grid, chunk_size=70), truth, resume=mem.state, **kw)
     assert final_three.reconstruction.history["epoch"] == mem.reconstruction.history["epoch"]  # no epoch ran
     # the same candidates (poses and posteriors); the maps up to the order of the sums and CG's tolerance
-    np.testing.assert_allclose(final_three.rotations, final_mem.rotations, atol=1e-5)
-    np.testing.assert_allclose(final_three.max_prob, final_mem.max_prob, rtol=1e-4, atol=1e-6)
+    # (here all 200 alike; a float-level near-tie may flip on another CPU, so 98% must be)
+    same = np.abs(final_three.rotations - final_mem.rotations).max(axis=(1, 2)) < 1e-5
+    assert same.mean() >= 0.98, same.mean()
+    np.testing.assert_allclose(final_three.max_prob[same], final_mem.max_prob[same], rtol=1e-4, atol=1e-6)
     scale = np.abs(final_mem.reconstruction.volume).max()
     np.testing.assert_allclose(final_three.reconstruction.volume, final_mem.reconstruction.volume, atol=2e-3 * scale)
     for a, b in zip(final_three.reconstruction.half_maps, final_mem.reconstruction.half_maps):
-        assert fsc(a, b)[1:box // 2].min() > 0.99995
+        assert fsc(a, b)[1:box // 2].min() > 0.9995  # (0.99999 here)
     scale = np.abs(mem.reconstruction.volume).max()
     np.testing.assert_allclose(one.reconstruction.volume, mem.reconstruction.volume, atol=1e-4 * scale)
     np.testing.assert_allclose(one.rotations, mem.rotations, atol=1e-5)
