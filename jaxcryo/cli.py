@@ -809,6 +809,8 @@ def _refine(args) -> int:
                    settings={k: v for k, v in settings.items() if not k.endswith("sha1")},
                    fsc=_fsc_table(rec.fsc, px), final_resolution_angstrom=rec.resolution_angstrom,
                    final_resolution_fsc_0_5_angstrom=resolution(rec.fsc, px, 0.5))
+    if "global_rotations" in rec.history:  # rotations each global search scored (an asymmetric unit)
+        history["global_rotations"] = rec.history["global_rotations"]
     _write_json(os.path.join(folder, "history.json"), history)
     written.append("history.json")
     if args.keep_checkpoint:

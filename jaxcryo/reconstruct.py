@@ -991,7 +991,6 @@ def reconstruct_normal(particles: "Particles | ParticleBlocks", *, box: int, pix
             t1 = time.perf_counter()
             neq, data_diag, seconds, _ = accumulate_all(data)
             compile_seconds += seconds
-            t_start += seconds
     elapsed = history["seconds"][-1] if history["seconds"] else 0.0
     elapsed += t1 - t_start  # the accumulation
     history["compile_seconds"] = compile_seconds

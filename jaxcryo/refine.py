@@ -696,7 +696,7 @@ def refine(particles: Particles, reference, config: Config | None = None, *, box
         history["r_limit"].append(float(plan["r_limit"]))
         history["mean_pose_change_deg"].append(mean_change)
         history["mode"].append(mode)
-        if mode == "global":
+        if mode == "global" and "global_rotations" not in history:
             history["global_rotations"] = int(poses.global_grid(global_order, str(symmetry)).shape[0])
         history["sigma2"].append(sig.tolist())
         history.setdefault("shell_lam", []).append(list(problem.shell_lam))
@@ -881,15 +881,14 @@ def _final_reconstruction(posed: Particles, groups, recon: ReconState, mask, *, 
     final = reconstruct_normal(posed, box=box, pixel_size_angstrom=pixel_size_angstrom, interpolation=interpolation,
                                lam=lam, seed=seed, symmetry=symmetry, noise_model="estimate", devices=devices,
                                mesh=mesh, groups=groups)
-    halves = np.asarray(final.half_maps)
-    curve = fsc(halves[0], halves[1])  # unmasked, as RELION's auto-refine reports it (a mask raises it)
     history = dict(recon.history)
     seconds = time.perf_counter() - t0
     history["final_solve"] = {"seconds": seconds, "compile_seconds": final.history.get("compile_seconds"),
                               "noise_sigma2": final.history.get("noise_sigma2"),
-                              "resolution_angstrom": float(resolution(curve, pixel_size_angstrom))}
-    return Reconstruction(np.asarray(final.volume) * np.asarray(mask), halves, final.params, curve,
-                          resolution(curve, pixel_size_angstrom), history, recon)
+                              "resolution_angstrom": float(final.resolution_angstrom)}
+    # the half-maps' FSC unmasked, as RELION's auto-refine reports it (a mask raises it)
+    return Reconstruction(np.asarray(final.volume) * np.asarray(mask), np.asarray(final.half_maps), final.params,
+                          final.fsc, final.resolution_angstrom, history, recon)
 
 
 def _unstack_poses(pose_state: PoseState, groups, n: int):
