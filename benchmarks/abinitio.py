@@ -79,8 +79,9 @@ def run(size: str, methods, seeds) -> dict:
                 errors.append(float(np.median(err)))
 
             t0 = time.perf_counter()
+            # the SGD stage alone: the methods compared are its volume step (the refine stage is the same for all)
             out = abinitio(particles, box=box, pixel_size_angstrom=px, settings=plan, method=method, seed=seed,
-                           callback=record)
+                           callback=record, refine_epochs=0)
             wall = time.perf_counter() - t0
             h = out.history
             grid_step = h["angular_step_deg"][0]

@@ -488,7 +488,8 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
              n_probes: int = 1, classes: int = 1, symmetry: str = "C1", seed: int = 0,
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
              settings: list | None = None, initial=None, local_epochs: int = 4,
-             local_step_deg: float | None = None, cycles: int = 2) -> AbInitio:
+             local_step_deg: float | None = None, cycles: int = 2, refine_epochs: int = 12,
+             refine_settings: dict | None = None, refine_callback: Callable | None = None) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
@@ -520,13 +521,28 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         so the map is symmetric by construction, with its symmetry axes RELION's (z for Cn);
         the global pose search scores one pose per orbit (:func:`jaxcryo.poses.global_grid`:
         each image's G equivalent poses would score alike), so about 1/G of the grid.
+      refine_epochs: then refine the poses and the map from the ab initio map (at most this many
+        epochs of :func:`jaxcryo.refine.refine`, gold-standard, global search first, its stop
+        rule; 0: return the SGD map and its poses). The SGD stage leaves about a third of the
+        particles at grossly wrong poses at SNR 0.1 (its global grid is 30 deg, its last map
+        about 14 A); refine's 15 deg global search from that map's 40 A low-pass places nearly
+        all of them (measured on RELION-simulated EMD-1832 particles: median error 2.7 -> 1.2
+        deg, within 15 deg 64% -> 96%, for about 100 s more on 2 CPU cores). The map is
+        low-passed first (see :func:`_refine_stage`).
+        ``refine_settings``: more keyword settings for it (e.g. ``global_order``);
+        ``refine_callback`` receives its :class:`jaxcryo.refine.RefineState` after each epoch.
+        Not checkpointed: a resumed run whose SGD epochs are done runs this stage again.
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
       settings: replace the schedule (a list as :func:`schedule` returns).
       initial: a real (box,)*3 starting map instead of :func:`initial_volume` (e.g. for tests).
     Returns:
       :class:`AbInitio`; history per epoch: ``epoch``, ``loss`` (mean minibatch expected
       loss), ``seconds`` (cumulative, compilation excluded), ``resolution_angstrom`` (the
-      limit in use), ``r_limit``, ``batch_size``, ``angular_step_deg``, ``temperature``.
+      limit in use), ``r_limit``, ``batch_size``, ``angular_step_deg``, ``temperature``; with
+      the refine stage, ``refine``: its per-epoch history (``epoch``, ``mode``,
+      ``angular_step_deg``, ``resolution_angstrom`` of the half-maps' FSC, ``mean_pose_change_deg``,
+      ``seconds``) and ``final_resolution_angstrom``, ``wall_seconds``. The volume and poses
+      returned are then refine's (its map solved at the refined poses, masked).
     """
     if int(classes) != 1:
         raise NotImplementedError(f"classes={classes}: several classes are not implemented yet (use 1)")
@@ -538,6 +554,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         start_resolution_angstrom=start_resolution_angstrom, final_resolution_angstrom=final_resolution_angstrom,
         batch_size=batch_size, max_batch_size=max_batch_size, n_particles=n, max_shift_px=max_shift_px,
         fine_from=fine_from, local_epochs=local_epochs, local_step_deg=local_step_deg, cycles=cycles)
+    given_diameter = diameter_angstrom  # refine's solvent mask: the user's, else refine's own default
     diameter_angstrom = 0.7 * box * pixel_size_angstrom if diameter_angstrom is None else diameter_angstrom
     mask = jnp.asarray(spherical_mask(box, 0.5 * diameter_angstrom / pixel_size_angstrom + 2, soft_width=3.0), dtype)
     sigma2 = _noise_power(particles.data, full)
@@ -560,7 +577,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
     else:
         state = resume
     history = {k: list(v) for k, v in state.history.items()}
-    params, opt_state, key = state.params, state.opt_state, state.key
+    params, opt_state, key = jnp.asarray(state.params), state.opt_state, state.key
     pose_rows = (state.rotations, state.shifts_px, state.max_prob)
     compiled: dict = {}
 
@@ -621,5 +638,42 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
 
     volume, shifts = recentre(np.asarray(ft_to_volume(params, interpolation)), np.asarray(pose_rows[0]),
                               np.asarray(pose_rows[1]))
-    return AbInitio(volume, np.asarray(pose_rows[0]), shifts, np.asarray(pose_rows[2]), history,
-                    AbInitioState(state.epoch, params, opt_state, key, *pose_rows, history))
+    final_state = AbInitioState(state.epoch, params, opt_state, key, *pose_rows, history)
+    rotations, max_prob = np.asarray(pose_rows[0]), np.asarray(pose_rows[2])
+    if refine_epochs > 0:
+        volume, rotations, shifts, max_prob, history["refine"] = _refine_stage(
+            particles, volume, box=box, pixel_size_angstrom=pixel_size_angstrom, epochs=int(refine_epochs),
+            diameter_angstrom=given_diameter, symmetry=symmetry, seed=seed, interpolation=interpolation,
+            settings=refine_settings, callback=refine_callback,
+            sgd_resolution_angstrom=float(history["resolution_angstrom"][-1]) if history["resolution_angstrom"]
+            else start_resolution_angstrom)
+    return AbInitio(volume, rotations, shifts, max_prob, history, final_state)
+
+
+def _refine_stage(particles: Particles, volume, *, box: int, pixel_size_angstrom: float, epochs: int,
+                  diameter_angstrom: float | None, symmetry: str, seed: int, interpolation: str, settings: dict | None,
+                  callback, sgd_resolution_angstrom: float):
+    """:func:`jaxcryo.refine.refine` from the ab initio map (global search, then local; its
+    defaults otherwise): (map, rotations, shifts_px, max_prob, summary of its history).
+
+    The map is low-passed first to refine's 40 A (wide basins for the 15 deg global search)
+    where that keeps at least 8 Fourier shells, else to 1.5 x the SGD's last frequency limit:
+    measured at box 64, 5.7 A/px (40 A is shell 9), 40 A placed 95% of the particles within
+    15 deg against 93% from 21 A; at box 16, 6 A/px (40 A is shell 2.4) the median error went
+    from 7 deg to 61 deg from 40 A, and to 4 deg from 21 A."""
+    from jaxcryo.refine import refine
+
+    t0 = time.perf_counter()
+    lowpass = 40.0 if box * pixel_size_angstrom / 40.0 >= 8.0 else 1.5 * sgd_resolution_angstrom
+    kw = dict(epochs=epochs, diameter_angstrom=diameter_angstrom, symmetry=symmetry, seed=seed,
+              initial_lowpass_angstrom=lowpass,
+              interpolation=interpolation if interpolation in ("nearest", "trilinear") else "trilinear")
+    kw.update(settings or {})
+    out = refine(particles, volume, box=box, pixel_size_angstrom=pixel_size_angstrom, callback=callback, **kw)
+    h = out.reconstruction.history
+    summary = {k: list(h[k]) for k in ("epoch", "mode", "angular_step_deg", "resolution_angstrom",
+                                        "mean_pose_change_deg", "seconds")}
+    summary.update(final_resolution_angstrom=float(out.reconstruction.resolution_angstrom),
+                   initial_lowpass_angstrom=float(kw["initial_lowpass_angstrom"]), wall_seconds=time.perf_counter() - t0)
+    return (np.asarray(out.reconstruction.volume, np.float32), np.asarray(out.rotations), np.asarray(out.shifts_px),
+            np.asarray(out.max_prob), summary)

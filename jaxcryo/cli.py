@@ -862,13 +862,25 @@ def _abinitio(args) -> int:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
         plan = plan_memory(n, box, groups=1, chunk_size=args.chunk_size)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
+        needed, refine_note = plan.in_memory_bytes, ""
+        if args.refine_epochs:  # the refine stage at refine's defaults (in memory, as the SGD epochs)
+            from jaxcryo.pipeline import REFINE_PROGRAMS_BYTES
+            from jaxcryo.refine import final_solve_bytes, pose_stage_bytes
+
+            rplan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size, batch_size=128)
+            refine_bytes = (rplan.in_memory_bytes + pose_stage_bytes(min(128, n), box, global_order=2, top_k=4)
+                            + REFINE_PROGRAMS_BYTES + final_solve_bytes(n, box, top_k=4))
+            needed = max(needed, refine_bytes)
+            refine_note = f"; the refine stage about {format_bytes(refine_bytes)}"
         _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, "
                    f"{args.epochs} + {args.local_epochs} epochs from "
-                   f"{args.start_resolution:g} Å to {args.final_resolution or max(12.0, 2.5 * px):g} Å; memory needed "
-                   f"about {plan.describe()}, limit {format_bytes(limit)}")
-        if plan.in_memory_bytes > limit:
-            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(plan.in_memory_bytes)}, "
-                             f"above the limit of {format_bytes(limit)}; raise --max-memory-gb")
+                   f"{args.start_resolution:g} Å to {args.final_resolution or max(12.0, 2.5 * px):g} Å"
+                   + (f", then at most {args.refine_epochs} refine epochs" if args.refine_epochs else "")
+                   + f"; memory needed about {plan.describe()}{refine_note}, limit {format_bytes(limit)}")
+        if needed > limit:
+            raise InputError(f"{args.star}: {n} particles of {box} px need {format_bytes(needed)}, "
+                             f"above the limit of {format_bytes(limit)}; raise --max-memory-gb"
+                             + (" or pass --refine-epochs 0" if needed > plan.in_memory_bytes else ""))
 
         import hashlib
         with open(table.star_path, "rb") as fh:
@@ -880,6 +892,7 @@ def _abinitio(args) -> int:
                     "max_batch_size": args.max_batch_size, "method": args.method, "seed": args.seed,
                     "symmetry": args.symmetry, "classes": args.classes, "max_shift_px": args.max_shift,
                     "local_epochs": args.local_epochs, "cycles": args.cycles}
+        # not a checkpoint setting: the checkpoint holds the SGD epochs, the refine stage runs after them
         template = abinitio_state_template(method=args.method, box=box, n_particles=n)
         saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
         saved_state = _matching_checkpoint(args, ckpt, saved, settings,
@@ -905,13 +918,24 @@ def _abinitio(args) -> int:
         epochs_bar.set_postfix(limit=f"{h['resolution_angstrom'][-1]:.1f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
                                T=f"{h['temperature'][-1]:.2f}")
 
+    refine_bar = tqdm(total=args.refine_epochs, desc="refine epochs", unit="epoch", leave=False,
+                      disable=args.quiet or args.refine_epochs == 0)
+
+    def on_refine_epoch(state):
+        h = state.recon.history
+        refine_bar.update(1)
+        refine_bar.set_postfix(mode=h["mode"][-1], step=f"{h['angular_step_deg'][-1]:g}deg",
+                               res=f"{h['resolution_angstrom'][-1]:.1f}A")
+
     result = abinitio(particles, box=box, pixel_size_angstrom=px, epochs=args.epochs,
                       diameter_angstrom=args.diameter, start_resolution_angstrom=args.start_resolution,
                       final_resolution_angstrom=args.final_resolution, batch_size=args.batch_size,
                       max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
                       max_shift_px=args.max_shift, local_epochs=args.local_epochs, cycles=args.cycles,
-                      callback=on_epoch, classes=args.classes, symmetry=args.symmetry)
+                      callback=on_epoch, classes=args.classes, symmetry=args.symmetry,
+                      refine_epochs=args.refine_epochs, refine_callback=on_refine_epoch)
     epochs_bar.close()
+    refine_bar.close()
     del particles
     volume, rotations = result.volume, result.rotations
     if args.flip_hand:
@@ -925,7 +949,10 @@ def _abinitio(args) -> int:
     history = {k: result.history[k] for k in keys}
     history.update(compile_seconds=result.history["compile_seconds"][0], pixel_size_angstrom=px,
                    flip_hand=bool(args.flip_hand),
-                   settings={k: v for k, v in settings.items() if not k.endswith("sha1")})
+                   settings={**{k: v for k, v in settings.items() if not k.endswith("sha1")},
+                             "refine_epochs": args.refine_epochs})
+    if "refine" in result.history:
+        history["refine"] = result.history["refine"]
     _write_json(os.path.join(folder, "history.json"), history)
     written = [os.path.basename(out), os.path.basename(star_out), "history.json"]
     if args.keep_checkpoint:
@@ -933,8 +960,13 @@ def _abinitio(args) -> int:
     else:  # the run is done; the checkpoint only matters to extend it
         remove_file(ckpt)
     h = result.history
+    refined = ""
+    if "refine" in h:
+        r = h["refine"]
+        refined = (f" + {len(r['epoch'])} refine epochs (half-map resolution {r['final_resolution_angstrom']:.1f} Å, "
+                   f"angular step {r['angular_step_deg'][-1]:g} deg)")
     print(f"jaxcryo abinitio: {n} particles, {len(h['epoch'])} epochs, final limit {h['resolution_angstrom'][-1]:.1f} Å, "
-          f"angular step {h['angular_step_deg'][-1]:g} deg, {time.perf_counter() - t_start:.1f} s; wrote "
+          f"angular step {h['angular_step_deg'][-1]:g} deg{refined}, {time.perf_counter() - t_start:.1f} s; wrote "
           f"{', '.join(written)} in {folder}")
     print(f"note: the hand of an ab initio map is undetermined (its mirror image fits the particles equally well); "
           f"check it against known chirality (e.g. alpha helices) and rerun with{'out' if args.flip_hand else ''} "
@@ -1143,8 +1175,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "frequency limit, poses are drawn from the posterior at an adaptive temperature (about 1%\n"
                     "of poses carry weight early on), and the map takes a preconditioned SGD step on the\n"
                     "expected loss; the limit marches from --start-resolution to --final-resolution with\n"
-                    "growing minibatches. Writes INIT.mrc, INIT_particles.star (poses found), history.json\n"
-                    "and a checkpoint INIT.ckpt.npz after every epoch. The hand of the map is undetermined:\n"
+                    "growing minibatches. Then (--refine-epochs) a gold-standard refine from that map places\n"
+                    "the particles the SGD left at wrong poses and sharpens the rest. Writes INIT.mrc,\n"
+                    "INIT_particles.star (poses found), history.json and a checkpoint INIT.ckpt.npz after\n"
+                    "every SGD epoch. The hand of the map is undetermined:\n"
                     "--flip-hand writes the mirror image. Continue with 'jaxcryo refine --reference INIT.mrc'.")
     ab.add_argument("star", metavar="PARTICLES.star", help="RELION 3.0 or 3.1 particle STAR file (poses ignored)")
     ab.add_argument("--out", required=True, metavar="INIT.mrc", help="output map")
@@ -1160,6 +1194,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="then passes with local searches about each particle's best pose (steps halving)")
     ab.add_argument("--cycles", type=pos_int, default=2, metavar="C",
                     help="with C > 1: one more global pass, then the local passes again, C - 1 times")
+    ab.add_argument("--refine-epochs", type=_nonneg_int, default=12, metavar="E",
+                    help="then refine the poses and the map from the ab initio map: at most E epochs of "
+                         "'jaxcryo refine' (gold-standard; a 15 deg global search from the map's 40 A low-pass, "
+                         "then local searches; it stops by itself); 0: keep the SGD map and its poses")
     ab.add_argument("--start-resolution", type=pos_float, default=35.0, metavar="A",
                     help="first frequency limit (Angstrom)")
     ab.add_argument("--final-resolution", type=pos_float, default=None, metavar="A",
