@@ -157,6 +157,43 @@ def score_relion_folder(folder, record):
     record(name, t1 - t0, None, None, None, map_path, star, f"scored from {folder}")
 
 
+def relion_map_at_poses(star, work, name, subsets=None) -> str:
+    """RELION's own map at the poses of ``star`` (image names relative to ``work``), as auto-refine's
+    last iteration makes it: each half-set reconstructed (``relion_reconstruct --ctf``), their
+    FSC, then the whole set with the Wiener prior (tau2) from that FSC (``--fsc``). The halves
+    are the STAR's rlnRandomSubset, or ``subsets`` (n,) of 1 and 2. Returns the map's path."""
+    import starfile
+
+    from jaxcryo.fsc import fsc
+    from jaxcryo.io import read_map
+
+    folder = os.path.join(work, "relion_at_poses", name)
+    os.makedirs(folder, exist_ok=True)
+    blocks = starfile.read(star, always_dict=True)
+    rows = blocks["particles"] if "particles" in blocks else list(blocks.values())[-1]
+    if subsets is not None:
+        rows = rows.copy()
+        rows["rlnRandomSubset"] = np.asarray(subsets, int)
+    if "rlnRandomSubset" not in rows:
+        raise SystemExit(f"{star}: no rlnRandomSubset and no half-sets given")
+    rows = rows.copy()
+    rows["rlnImageName"] = [f"{i.split('@')[0]}@{os.path.join(work, i.split('@')[1])}" for i in rows["rlnImageName"]]
+    staged = os.path.join(folder, "poses.star")
+    starfile.write({**{k: v for k, v in blocks.items() if k != "particles"}, "particles": rows}, staged,
+                   overwrite=True)
+    halves = [os.path.join(folder, f"half{h}.mrc") for h in (1, 2)]
+    for h, path in zip((1, 2), halves):
+        _run(["relion_reconstruct", "--i", staged, "--o", path, "--ctf", "--subset", str(h)], cwd=folder)
+    curve = np.asarray(fsc(*(np.asarray(read_map(p)[0], np.float64) for p in halves)))
+    with open(os.path.join(folder, "fsc.star"), "w") as fh:
+        fh.write("data_fsc\n\nloop_\n_rlnSpectralIndex #1\n_rlnGoldStandardFsc #2\n")
+        fh.writelines(f"{i} {v:.6f}\n" for i, v in enumerate(curve))
+    out = os.path.join(folder, "map.mrc")
+    _run(["relion_reconstruct", "--i", staged, "--o", out, "--ctf", "--fsc", os.path.join(folder, "fsc.star")],
+         cwd=folder)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--volume", default="/work/shared/data/emd_1832.map")
@@ -173,6 +210,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-jaxcryo", action="store_true", help="do not run jaxcryo (score RELION only)")
     ap.add_argument("--jaxcryo-args", default="", help="extra arguments for jaxcryo refine (default: none)")
     ap.add_argument("--tag", default="default", help="name of this jaxcryo run in the JSON")
+    ap.add_argument("--relion-at-poses", action="store_true",
+                    help="also make RELION's own map (relion_reconstruct, halves then --fsc) at the true poses "
+                         "and at each jaxcryo run's refined poses: what RELION's final map could reach with "
+                         "perfect poses, and with jaxcryo's")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "refine_vs_relion_cpu.json"))
     args = ap.parse_args(argv)
 
@@ -228,6 +269,26 @@ def main(argv=None) -> int:
 
     if not args.skip_jaxcryo:
         run_jaxcryo(args, work, parts, env, record, result)
+    if args.relion_at_poses:
+        bounds = result.setdefault("relion_reconstruct_at_poses", {})
+        n = len(_star_rows(parts))
+        path = relion_map_at_poses(parts, work, "true", subsets=1 + np.arange(n) % 2)
+        bounds["true poses (halves: odd/even images)"] = map_quality(path, truth)
+        if args.relion_from:  # the poses of the RELION run scored (its latest iteration), its halves
+            import glob
+
+            its = sorted(glob.glob(os.path.join(args.relion_from, "run_it[0-9][0-9][0-9]_data.star")))
+            final = os.path.join(args.relion_from, "run_data.star")
+            star = final if os.path.exists(final) else its[-1]
+            path = relion_map_at_poses(star, work, "relion_" + os.path.basename(star)[:-10])
+            bounds[f"poses of RELION's {os.path.basename(star)} (its halves, full size)"] = map_quality(path, truth)
+        for name in sorted(result["runs"]):
+            star = os.path.join(work, f"jaxcryo_{name.removeprefix('jaxcryo refine ')}", "map_particles.star")
+            if name.startswith("jaxcryo refine") and os.path.exists(star):
+                path = relion_map_at_poses(star, work, name.removeprefix("jaxcryo refine ").replace(" ", "_"))
+                bounds[f"poses of {name} (its halves)"] = map_quality(path, truth)
+        for k, v in bounds.items():
+            print("relion_reconstruct at", k, {q: round(x, 4) for q, x in v.items() if q != "fsc_to_truth"}, flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
