@@ -489,7 +489,8 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
              resume: AbInitioState | None = None, callback: Callable[[AbInitioState], Any] | None = None,
              settings: list | None = None, initial=None, local_epochs: int = 4,
              local_step_deg: float | None = None, cycles: int = 2, refine_epochs: int = 12,
-             refine_settings: dict | None = None, refine_callback: Callable | None = None) -> AbInitio:
+             refine_settings: dict | None = None, refine_callback: Callable | None = None,
+             refine_resume=None) -> AbInitio:
     """A map and poses from particles alone (see the module docstring for the algorithm).
 
     Args:
@@ -530,8 +531,9 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         deg, within 15 deg 64% -> 96%, for about 100 s more on 2 CPU cores). The map is
         low-passed first (see :func:`_refine_stage`).
         ``refine_settings``: more keyword settings for it (e.g. ``global_order``);
-        ``refine_callback`` receives its :class:`jaxcryo.refine.RefineState` after each epoch.
-        Not checkpointed: a resumed run whose SGD epochs are done runs this stage again.
+        ``refine_callback`` receives its :class:`jaxcryo.refine.RefineState` after each epoch
+        (a checkpoint of the stage) and ``refine_resume`` continues from one; it must come from
+        the same SGD result (the CLI keeps it beside the SGD checkpoint, with the same settings).
       resume, callback: continue from / receive an :class:`AbInitioState` after each epoch.
       settings: replace the schedule (a list as :func:`schedule` returns).
       initial: a real (box,)*3 starting map instead of :func:`initial_volume` (e.g. for tests).
@@ -644,7 +646,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
         volume, rotations, shifts, max_prob, history["refine"] = _refine_stage(
             particles, volume, box=box, pixel_size_angstrom=pixel_size_angstrom, epochs=int(refine_epochs),
             diameter_angstrom=given_diameter, symmetry=symmetry, seed=seed, interpolation=interpolation,
-            settings=refine_settings, callback=refine_callback,
+            settings=refine_settings, callback=refine_callback, resume=refine_resume,
             sgd_resolution_angstrom=float(history["resolution_angstrom"][-1]) if history["resolution_angstrom"]
             else start_resolution_angstrom)
     return AbInitio(volume, rotations, shifts, max_prob, history, final_state)
@@ -652,7 +654,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
 
 def _refine_stage(particles: Particles, volume, *, box: int, pixel_size_angstrom: float, epochs: int,
                   diameter_angstrom: float | None, symmetry: str, seed: int, interpolation: str, settings: dict | None,
-                  callback, sgd_resolution_angstrom: float):
+                  callback, sgd_resolution_angstrom: float, resume=None):
     """:func:`jaxcryo.refine.refine` from the ab initio map (global search, then local; its
     defaults otherwise): (map, rotations, shifts_px, max_prob, summary of its history).
 
@@ -669,7 +671,8 @@ def _refine_stage(particles: Particles, volume, *, box: int, pixel_size_angstrom
               initial_lowpass_angstrom=lowpass,
               interpolation=interpolation if interpolation in ("nearest", "trilinear") else "trilinear")
     kw.update(settings or {})
-    out = refine(particles, volume, box=box, pixel_size_angstrom=pixel_size_angstrom, callback=callback, **kw)
+    out = refine(particles, volume, box=box, pixel_size_angstrom=pixel_size_angstrom, callback=callback,
+                 resume=resume, **kw)
     h = out.reconstruction.history
     summary = {k: list(h[k]) for k in ("epoch", "mode", "angular_step_deg", "resolution_angstrom",
                                         "mean_pose_change_deg", "seconds")}

@@ -836,14 +836,15 @@ def _abinitio(args) -> int:
     from jaxcryo.io import InputError, write_map
     from jaxcryo.pipeline import (GIB, abinitio_state_template, available_memory_bytes, checkpoint_path,
                                   checkpoint_settings, format_bytes, load_checkpoint, load_particles, open_particles,
-                                  plan_memory, save_checkpoint, write_refined_particles)
+                                  plan_memory, refine_state_template, save_checkpoint, write_refined_particles)
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
     folder = os.path.dirname(out)
     ckpt = checkpoint_path(out)
     star_out = f"{root}_particles.star"
-    check_outputs(star_out, os.path.join(folder, "history.json"), ckpt)
+    refine_ckpt = f"{root}.refine.ckpt.npz"  # the refine stage's, beside the SGD epochs' checkpoint
+    check_outputs(star_out, os.path.join(folder, "history.json"), ckpt, refine_ckpt)
     t_start = time.perf_counter()
     if args.classes != 1:
         raise InputError(f"--classes {args.classes}: several classes are not implemented yet; use --classes 1")
@@ -898,6 +899,18 @@ def _abinitio(args) -> int:
         saved_state = _matching_checkpoint(args, ckpt, saved, settings,
                                            lambda path: load_checkpoint(path, template)[0])
         resume = None if saved_state is None else AbInitioState.from_recon_state(saved_state)
+        # The refine stage's checkpoint continues only the SGD result it was made from: the same
+        # settings, and an SGD checkpoint to resume from (else the SGD epochs run afresh).
+        refine_settings = dict(settings, refine_epochs=args.refine_epochs)
+        refine_resume = None
+        if resume is not None and args.refine_epochs and os.path.exists(refine_ckpt):
+            if checkpoint_settings(refine_ckpt) == refine_settings:
+                from jaxcryo.refine import PoseState, RefineState
+
+                rstate = load_checkpoint(refine_ckpt, refine_state_template(method="psgd", box=box, n_particles=n))[0]
+                opt_state, pose_leaves = rstate.opt_state
+                refine_resume = RefineState(rstate._replace(opt_state=opt_state), PoseState(*pose_leaves))
+                _note(args, f"resuming the refine stage from {refine_ckpt} at epoch {rstate.epoch}")
 
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
@@ -918,11 +931,13 @@ def _abinitio(args) -> int:
         epochs_bar.set_postfix(limit=f"{h['resolution_angstrom'][-1]:.1f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
                                T=f"{h['temperature'][-1]:.2f}")
 
-    refine_bar = tqdm(total=args.refine_epochs, desc="refine epochs", unit="epoch", leave=False,
-                      disable=args.quiet or args.refine_epochs == 0)
+    refine_bar = tqdm(total=args.refine_epochs, initial=0 if refine_resume is None else refine_resume.recon.epoch,
+                      desc="refine epochs", unit="epoch", leave=False, disable=args.quiet or args.refine_epochs == 0)
 
     def on_refine_epoch(state):
-        h = state.recon.history
+        recon = state.recon
+        save_checkpoint(refine_ckpt, recon._replace(opt_state=(recon.opt_state, tuple(state.poses))), refine_settings)
+        h = recon.history
         refine_bar.update(1)
         refine_bar.set_postfix(mode=h["mode"][-1], step=f"{h['angular_step_deg'][-1]:g}deg",
                                res=f"{h['resolution_angstrom'][-1]:.1f}A")
@@ -933,7 +948,7 @@ def _abinitio(args) -> int:
                       max_batch_size=args.max_batch_size, method=args.method, seed=args.seed, resume=resume,
                       max_shift_px=args.max_shift, local_epochs=args.local_epochs, cycles=args.cycles,
                       callback=on_epoch, classes=args.classes, symmetry=args.symmetry,
-                      refine_epochs=args.refine_epochs, refine_callback=on_refine_epoch)
+                      refine_epochs=args.refine_epochs, refine_callback=on_refine_epoch, refine_resume=refine_resume)
     epochs_bar.close()
     refine_bar.close()
     del particles
@@ -956,9 +971,10 @@ def _abinitio(args) -> int:
     _write_json(os.path.join(folder, "history.json"), history)
     written = [os.path.basename(out), os.path.basename(star_out), "history.json"]
     if args.keep_checkpoint:
-        written.append(os.path.basename(ckpt))
-    else:  # the run is done; the checkpoint only matters to extend it
+        written += [os.path.basename(p) for p in (ckpt, refine_ckpt) if os.path.exists(p)]
+    else:  # the run is done; the checkpoints only matter to extend it
         remove_file(ckpt)
+        remove_file(refine_ckpt)
     h = result.history
     refined = ""
     if "refine" in h:

@@ -229,7 +229,11 @@ def test_refine_stage_places_what_the_sgd_left_and_sharpens_the_map(simulated, r
     the SGD state is the one resumed from."""
     truth, sim, particles = simulated
     result, states = run
-    refined = abinitio(particles, seed=0, settings=_settings(), resume=states[-1], **{**RUN, "refine_epochs": 6})
+    rstates = []
+    def keep(state):  # a copy, as a checkpoint on disk is (the run donates its buffers to the next epoch)
+        rstates.append(jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, state))
+    refined = abinitio(particles, seed=0, settings=_settings(), resume=states[-1], refine_callback=keep,
+                       **{**RUN, "refine_epochs": 6})
     sgd_err, _ = pose_errors_deg(result.rotations, sim.rotations)
     err, _ = pose_errors_deg(refined.rotations, sim.rotations)
     shells = slice(1, BOX // 2 - 1)
@@ -243,6 +247,12 @@ def test_refine_stage_places_what_the_sgd_left_and_sharpens_the_map(simulated, r
     assert r["initial_lowpass_angstrom"] == pytest.approx(21.0) and r["mode"][0] == "global"
     assert 1 <= len(r["epoch"]) <= 6 and r["final_resolution_angstrom"] > 0
     assert refined.state.epoch == states[-1].epoch == 12 and refined.history["epoch"] == list(range(1, 13))
+    # the stage resumed from its own checkpoint (after its second epoch) ends where it ended
+    again = abinitio(particles, seed=0, settings=_settings(), resume=states[-1], refine_resume=rstates[1],
+                     **{**RUN, "refine_epochs": 6})
+    np.testing.assert_array_equal(again.rotations, refined.rotations)
+    np.testing.assert_allclose(again.volume, refined.volume, rtol=0, atol=1e-5 * np.abs(refined.volume).max())
+    assert again.history["refine"]["epoch"] == r["epoch"]
 
 
 def test_classes_not_yet(simulated):
@@ -303,16 +313,19 @@ def test_cli_abinitio_writes_map_star_history_and_resumes(tmp_path, capsys):
     assert hist["angular_step_deg"] == [30.0, 15.0]  # one global epoch, one polishing epoch
     assert hist["refine"]["mode"] == ["global", "global"] and hist["settings"]["refine_epochs"] == 2
     assert "2 refine epochs" in text
-    assert (tmp_path / "ab" / "init.ckpt.npz").exists()
-    # resume: the checkpoint is at the last epoch, so nothing is redone and the map is the same
+    assert (tmp_path / "ab" / "init.ckpt.npz").exists() and (tmp_path / "ab" / "init.refine.ckpt.npz").exists()
+    # resume: both checkpoints are at their last epoch, so nothing is redone (the refine stage
+    # only makes its final solve again) and the map is the same
+    capsys.readouterr()
     assert cli.main(argv + ["--resume"]) == 0
+    assert "resuming the refine stage" in capsys.readouterr().err
     with mrcfile.open(out) as m:
         np.testing.assert_array_equal(m.data, first)
     # --flip-hand writes the mirror image; without --keep-checkpoint the checkpoint is removed
     assert cli.main(argv[:-1] + ["--flip-hand"]) == 0
     with mrcfile.open(out) as m:
         np.testing.assert_allclose(m.data, flip_hand(first), atol=1e-6)
-    assert not (tmp_path / "ab" / "init.ckpt.npz").exists()
+    assert not (tmp_path / "ab" / "init.ckpt.npz").exists() and not (tmp_path / "ab" / "init.refine.ckpt.npz").exists()
     # not yet: several classes, a clear error and exit status 2
     capsys.readouterr()
     assert cli.main(argv + ["--classes", "2"]) == 2
