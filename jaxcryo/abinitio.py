@@ -30,7 +30,10 @@ fraction of the cost of a finer global grid. By default this is done twice (``cy
 more global epoch with the polished map re-assigns some particles the early map had misplaced,
 then the polishing is repeated (measured at SNR 0.1: median error 3.3 -> 2.7 degrees).
 Only Fourier pixels inside the limit are used (the particles are cropped to that disk), so
-early epochs are cheap. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
+early epochs are cheap. Last, a **refine stage** (``refine_epochs``, :func:`_refine_stage`):
+:func:`jaxcryo.refine.refine` from the SGD map, whose 15 deg global search places most of the
+particles the SGD left at wrong poses (about a third at SNR 0.1), then its local searches
+and final solve; the map and poses returned are refine's. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
 random noise (seeded), scaled to the images' power.
 
 The hand of the result is undetermined: a map and its mirror image explain every projection
@@ -662,7 +665,7 @@ def _refine_stage(particles: Particles, volume, *, box: int, pixel_size_angstrom
     where that keeps at least 8 Fourier shells, else to 1.5 x the SGD's last frequency limit:
     measured at box 64, 5.7 A/px (40 A is shell 9), 40 A placed 95% of the particles within
     15 deg against 93% from 21 A; at box 16, 6 A/px (40 A is shell 2.4) the median error went
-    from 7 deg to 61 deg from 40 A, and to 4 deg from 21 A."""
+    from 7 deg to 61 deg from 40 A, and to 4-5 deg from 21 A."""
     from jaxcryo.refine import refine
 
     t0 = time.perf_counter()
