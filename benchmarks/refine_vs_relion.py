@@ -238,6 +238,9 @@ def main(argv=None) -> int:
                        "pixel_size": float(px), "snr": args.snr, "initial_lowpass": args.initial_lowpass,
                        "simulated_by": "relion_project --ctf --add_noise --white_noise"},
               "runs": dict(previous.get("runs", {}))}
+    for key in ("relion_reconstruct_at_poses", "relion_reconstruct_at_poses_note"):  # kept unless remade
+        if key in previous:
+            result[key] = previous[key]
 
     def record(name, wall, cpu, load0, load1, map_path, star_path, command):
         angle, shift = pose_errors(star_path, truth_star, float(px))

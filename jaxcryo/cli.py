@@ -1148,7 +1148,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="low-pass the reference to this resolution first (Angstrom), as RELION does, so that "
                           "its high-resolution detail cannot bias the poses")
     ref.add_argument("--diameter", type=pos_float, default=None, metavar="A",
-                     help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px)")
+                     help="soft spherical solvent mask diameter (Angstrom; default: the box less 6 px), applied "
+                          "to the half-maps between epochs (the maps written are unmasked, as RELION's)")
     ref.add_argument("--mask", default=None, metavar="MASK.mrc",
                      help="solvent mask (values 0..1) instead of the sphere")
     ref.add_argument("--symmetry", type=_symmetry, default="C1", metavar="SYM",
