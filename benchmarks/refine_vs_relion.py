@@ -127,17 +127,23 @@ def simulate(args, work, env):
     return parts
 
 
-def score_relion_folder(folder, record):
-    """Score a relion_refine output folder: the final run_class001.mrc / run_data.star when
-    there, else the latest iteration's half-maps (their mean) and data.star; the wall time is
-    taken from the files' modification times (iteration 0 to the one scored)."""
+def _relion_iterations(folder):
+    """A relion_refine output folder's run_itNNN_data.star files, in order (at least one)."""
     import glob
-
-    import mrcfile
 
     its = sorted(glob.glob(os.path.join(folder, "run_it[0-9][0-9][0-9]_data.star")))
     if not its:
         raise SystemExit(f"{folder}: no run_itNNN_data.star")
+    return its
+
+
+def score_relion_folder(folder, record):
+    """Score a relion_refine output folder: the final run_class001.mrc / run_data.star when
+    there, else the latest iteration's half-maps (their mean) and data.star; the wall time is
+    taken from the files' modification times (iteration 0 to the one scored)."""
+    import mrcfile
+
+    its = _relion_iterations(folder)
     t0 = os.path.getmtime(its[0])
     final_map, final_star = os.path.join(folder, "run_class001.mrc"), os.path.join(folder, "run_data.star")
     if os.path.exists(final_map) and os.path.exists(final_star):
@@ -170,13 +176,11 @@ def relion_map_at_poses(star, work, name, subsets=None) -> str:
     folder = os.path.join(work, "relion_at_poses", name)
     os.makedirs(folder, exist_ok=True)
     blocks = starfile.read(star, always_dict=True)
-    rows = blocks["particles"] if "particles" in blocks else list(blocks.values())[-1]
+    rows = _star_rows(star).copy()
     if subsets is not None:
-        rows = rows.copy()
         rows["rlnRandomSubset"] = np.asarray(subsets, int)
     if "rlnRandomSubset" not in rows:
         raise SystemExit(f"{star}: no rlnRandomSubset and no half-sets given")
-    rows = rows.copy()
     rows["rlnImageName"] = [f"{i.split('@')[0]}@{os.path.join(work, i.split('@')[1])}" for i in rows["rlnImageName"]]
     staged = os.path.join(folder, "poses.star")
     starfile.write({**{k: v for k, v in blocks.items() if k != "particles"}, "particles": rows}, staged,
@@ -277,12 +281,9 @@ def main(argv=None) -> int:
         n = len(_star_rows(parts))
         path = relion_map_at_poses(parts, work, "true", subsets=1 + np.arange(n) % 2)
         bounds["true poses (halves: odd/even images)"] = map_quality(path, truth)
-        if args.relion_from:  # the poses of the RELION run scored (its latest iteration), its halves
-            import glob
-
-            its = sorted(glob.glob(os.path.join(args.relion_from, "run_it[0-9][0-9][0-9]_data.star")))
+        if args.relion_from:  # the poses of the RELION run scored (its final or latest iteration), its halves
             final = os.path.join(args.relion_from, "run_data.star")
-            star = final if os.path.exists(final) else its[-1]
+            star = final if os.path.exists(final) else _relion_iterations(args.relion_from)[-1]
             path = relion_map_at_poses(star, work, "relion_" + os.path.basename(star)[:-10])
             bounds[f"poses of RELION's {os.path.basename(star)} (its halves, full size)"] = map_quality(path, truth)
         for name in sorted(result["runs"]):

@@ -33,8 +33,8 @@ Only Fourier pixels inside the limit are used (the particles are cropped to that
 early epochs are cheap. Last, a **refine stage** (``refine_epochs``, :func:`_refine_stage`):
 :func:`jaxcryo.refine.refine` from the SGD map, whose 15 deg global search places most of the
 particles the SGD left at wrong poses (about a third at SNR 0.1), then its local searches
-and final solve; the map and poses returned are refine's. The start is a soft sphere of ``diameter_angstrom`` plus low-passed
-random noise (seeded), scaled to the images' power.
+and final solve; the map and poses returned are refine's. The start is a soft sphere of
+``diameter_angstrom`` plus low-passed random noise (seeded), scaled to the images' power.
 
 The hand of the result is undetermined: a map and its mirror image explain every projection
 equally well (with poses M A M, M = diag(1, 1, -1)). :func:`flip_hand` gives the other one.
@@ -547,7 +547,7 @@ def abinitio(particles: Particles, *, box: int, pixel_size_angstrom: float, epoc
       the refine stage, ``refine``: its per-epoch history (``epoch``, ``mode``,
       ``angular_step_deg``, ``resolution_angstrom`` of the half-maps' FSC, ``mean_pose_change_deg``,
       ``seconds``) and ``final_resolution_angstrom``, ``wall_seconds``. The volume and poses
-      returned are then refine's (its map solved at the refined poses, masked).
+      returned are then refine's (its map solved at the refined poses, unmasked).
     """
     if int(classes) != 1:
         raise NotImplementedError(f"classes={classes}: several classes are not implemented yet (use 1)")

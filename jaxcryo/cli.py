@@ -224,6 +224,36 @@ def _matching_checkpoint(args, ckpt: str, saved: dict | None, settings: dict, lo
     return None
 
 
+def _refine_in_memory_bytes(n: int, box: int, *, chunk_size: int, batch_size: int, global_order: int, top_k: int,
+                            interpolation: str):
+    """What a refine run holding every particle in memory needs (``jaxcryo refine`` and the refine
+    stage of ``jaxcryo abinitio``): its :func:`plan_memory` plan, the pose stage's scratch, and
+    the final solve's bytes (refine's compiled epochs, REFINE_PROGRAMS_BYTES, come on top)."""
+    from jaxcryo.pipeline import plan_memory, runtime_memory_bytes
+    from jaxcryo.refine import final_solve_bytes, pose_stage_bytes
+
+    plan = plan_memory(n, box, groups=2, chunk_size=chunk_size, batch_size=batch_size, interpolation=interpolation,
+                       runtime_bytes=runtime_memory_bytes())
+    scratch = pose_stage_bytes(min(batch_size, n), box, global_order=global_order, top_k=top_k,
+                               interpolation=interpolation)
+    return plan, scratch, final_solve_bytes(n, box, top_k=top_k, interpolation=interpolation)
+
+
+def _refine_checkpoint(state):
+    """A :class:`jaxcryo.refine.RefineState` as its checkpoint holds it: the reconstruction state
+    with the pose state beside the optimizer state."""
+    recon = state.recon
+    return recon._replace(opt_state=(recon.opt_state, tuple(state.poses)))
+
+
+def _refine_from_checkpoint(saved):
+    """The :class:`jaxcryo.refine.RefineState` of a loaded :func:`_refine_checkpoint`."""
+    from jaxcryo.refine import PoseState, RefineState
+
+    opt_state, pose_leaves = saved.opt_state
+    return RefineState(saved._replace(opt_state=opt_state), PoseState(*pose_leaves))
+
+
 def _print_notes(args, table) -> None:
     """The STAR reader's one-line notes (CTF defaults used, columns ignored) on stderr."""
     for text in getattr(table, "notes", ()):
@@ -656,10 +686,10 @@ def _refine(args) -> int:
     from jaxcryo.geometry import matrix_to_euler
     from jaxcryo.io import InputError, read_map, write_map
     from jaxcryo.pipeline import (GIB, StreamedBlocks, available_memory_bytes, checkpoint_path, checkpoint_settings,
-                                  format_bytes, load_checkpoint, load_particles, open_particles, plan_memory,
+                                  format_bytes, load_checkpoint, load_particles, open_particles,
                                   plan_streaming, refine_state_template, runtime_memory_bytes, save_checkpoint,
                                   write_refined_particles, REFINE_PROGRAMS_BYTES, limit_heap_growth)
-    from jaxcryo.refine import PoseState, RefineState, final_solve_bytes, pose_stage_bytes, resample_map
+    from jaxcryo.refine import final_solve_bytes, resample_map
 
     out = _check_output_folder(args.out)
     root = _map_root(out)
@@ -705,17 +735,17 @@ def _refine(args) -> int:
         if args.diameter is not None and args.diameter > box * px:
             raise InputError(f"--diameter {args.diameter:g} Å is larger than the box ({box * px:g} Å)")
         limit_heap_growth()
-        plan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                           interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
-        scratch = pose_stage_bytes(min(args.batch_size, n), box, global_order=args.global_order, top_k=args.top_k,
-                                   interpolation=args.interpolation)
+        plan, scratch, solve_in_memory = _refine_in_memory_bytes(
+            n, box, chunk_size=args.chunk_size, batch_size=args.batch_size, global_order=args.global_order,
+            top_k=args.top_k, interpolation=args.interpolation)
         limit = args.max_memory_gb * GIB if args.max_memory_gb else 0.8 * available_memory_bytes()
         extra = scratch + REFINE_PROGRAMS_BYTES
         # Streamed from disk when asked, or when the set does not fit in memory but its blocks do.
         splan = plan_streaming(box, n_images=n, chunk_size=args.chunk_size, batch_size=args.batch_size,
                                interpolation=args.interpolation, runtime_bytes=runtime_memory_bytes())
-        solve = {mode: final_solve_bytes(images, box, top_k=args.top_k, interpolation=args.interpolation)
-                 for mode, images in (("memory", n), ("stream", min(n, args.chunk_size)))}
+        solve = {"memory": solve_in_memory,
+                 "stream": final_solve_bytes(min(n, args.chunk_size), box, top_k=args.top_k,
+                                             interpolation=args.interpolation)}
         stream = args.stream or (plan.in_memory_bytes + extra + solve["memory"] > limit
                                  >= splan.in_memory_bytes + extra + solve["stream"])
         used = splan if stream else plan
@@ -750,10 +780,7 @@ def _refine(args) -> int:
         saved = checkpoint_settings(ckpt) if os.path.exists(ckpt) else None  # JSON only
         saved_state = _matching_checkpoint(args, ckpt, saved, settings,
                                            lambda path: load_checkpoint(path, template)[0])
-        resume = None
-        if saved_state is not None:
-            opt_state, pose_leaves = saved_state.opt_state
-            resume = RefineState(saved_state._replace(opt_state=opt_state), PoseState(*pose_leaves))
+        resume = None if saved_state is None else _refine_from_checkpoint(saved_state)
 
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
@@ -771,9 +798,8 @@ def _refine(args) -> int:
                       disable=args.quiet, leave=False)
 
     def on_epoch(state):
-        recon = state.recon
-        save_checkpoint(ckpt, recon._replace(opt_state=(recon.opt_state, tuple(state.poses))), settings)
-        h = recon.history
+        save_checkpoint(ckpt, _refine_checkpoint(state), settings)
+        h = state.recon.history
         epochs_bar.update(1)
         epochs_bar.set_postfix(res=f"{h['resolution_angstrom'][-1]:.2f}A", step=f"{h['angular_step_deg'][-1]:g}deg",
                                change=f"{h['mean_pose_change_deg'][-1]:.2f}deg")
@@ -866,11 +892,10 @@ def _abinitio(args) -> int:
         needed, refine_note = plan.in_memory_bytes, ""
         if args.refine_epochs:  # the refine stage at refine's defaults (in memory, as the SGD epochs)
             from jaxcryo.pipeline import REFINE_PROGRAMS_BYTES
-            from jaxcryo.refine import final_solve_bytes, pose_stage_bytes
 
-            rplan = plan_memory(n, box, groups=2, chunk_size=args.chunk_size, batch_size=128)
-            refine_bytes = (rplan.in_memory_bytes + pose_stage_bytes(min(128, n), box, global_order=2, top_k=4)
-                            + REFINE_PROGRAMS_BYTES + final_solve_bytes(n, box, top_k=4))
+            rplan, scratch, solve = _refine_in_memory_bytes(n, box, chunk_size=args.chunk_size, batch_size=128,
+                                                           global_order=2, top_k=4, interpolation="trilinear")
+            refine_bytes = rplan.in_memory_bytes + scratch + REFINE_PROGRAMS_BYTES + solve
             needed = max(needed, refine_bytes)
             refine_note = f"; the refine stage about {format_bytes(refine_bytes)}"
         _say(args, f"jaxcryo abinitio: {n} particles, {box} px, {px:g} Å/px, "
@@ -905,12 +930,9 @@ def _abinitio(args) -> int:
         refine_resume = None
         if resume is not None and args.refine_epochs and os.path.exists(refine_ckpt):
             if checkpoint_settings(refine_ckpt) == refine_settings:
-                from jaxcryo.refine import PoseState, RefineState
-
-                rstate = load_checkpoint(refine_ckpt, refine_state_template(method="psgd", box=box, n_particles=n))[0]
-                opt_state, pose_leaves = rstate.opt_state
-                refine_resume = RefineState(rstate._replace(opt_state=opt_state), PoseState(*pose_leaves))
-                _note(args, f"resuming the refine stage from {refine_ckpt} at epoch {rstate.epoch}")
+                template = refine_state_template(method="psgd", box=box, n_particles=n)  # the stage: refine's default
+                refine_resume = _refine_from_checkpoint(load_checkpoint(refine_ckpt, template)[0])
+                _note(args, f"resuming the refine stage from {refine_ckpt} at epoch {refine_resume.recon.epoch}")
 
         make_outputs(out)  # the inputs are good: create missing output folders (as RELION does)
         grid = FourierGrid(box)
@@ -935,9 +957,8 @@ def _abinitio(args) -> int:
                       desc="refine epochs", unit="epoch", leave=False, disable=args.quiet or args.refine_epochs == 0)
 
     def on_refine_epoch(state):
-        recon = state.recon
-        save_checkpoint(refine_ckpt, recon._replace(opt_state=(recon.opt_state, tuple(state.poses))), refine_settings)
-        h = recon.history
+        save_checkpoint(refine_ckpt, _refine_checkpoint(state), refine_settings)
+        h = state.recon.history
         refine_bar.update(1)
         refine_bar.set_postfix(mode=h["mode"][-1], step=f"{h['angular_step_deg'][-1]:g}deg",
                                res=f"{h['resolution_angstrom'][-1]:.1f}A")

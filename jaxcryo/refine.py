@@ -878,7 +878,7 @@ def _final_reconstruction(posed: Particles, groups, recon: ReconState, *, box: i
     masked, as RELION writes its auto-refine map and half-maps (for post-processing with a mask
     of the user's choice): the solvent mask shapes the references between epochs only. A mask
     raises the half-maps' FSC (EMD-5625 at box 56: 10.4 Å masked, 14.1 Å unmasked, where the
-    map's FSC to the truth reaches 0.5 at 14.7 Å), and a sphere that cuts the molecule's edge
+    map's FSC to the truth reaches 0.5 at 14.5 Å), and a sphere that cuts the molecule's edge
     lowers the map's FSC to the truth (the same set: 0.591 with the default sphere, 0.614
     without; EMD-1832 at box 64: 0.698 either way)."""
     t0 = time.perf_counter()
